@@ -1,0 +1,55 @@
+# The same targets locally and in CI (.ci/run calls `make test`).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# Debian packages some tests and the benchmark drive as real peers.
+SYSTEM_PACKAGES := strace prometheus nginx-light wrk
+
+.PHONY: run test test-fast lint system-deps bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/zrproxy serve
+
+# Installs the Debian tools the tests need when they are missing and we are root.
+# Without root or apt-get the tests that need them skip and say why.
+system-deps:
+	@missing=""; \
+	for tool in strace:strace prometheus:prometheus promtool:prometheus nginx:nginx-light wrk:wrk; do \
+	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+	      || echo "WARNING: could not install$$missing; tests needing them will skip"; \
+	  else \
+	    echo "WARNING: not root or no apt-get; cannot install$$missing; tests needing them will skip"; \
+	  fi; \
+	fi
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check zrproxy tests bench
+	$(VENV)/bin/ruff format --check zrproxy tests bench
+	$(VENV)/bin/mypy
+
+# The whole suite: lint, the functional pass, then the memray pass
+# (capture files on /dev/shm so even test artefacts never touch disk).
+test: $(STAMP) system-deps lint
+	$(PY) -m pytest -m "not memray" -p no:memray
+	$(PY) -m pytest -m memray --memray --memray-bin-path=/dev/shm/zrproxy-memray
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not memray and not slow" -p no:memray -x -q
+
+bench: $(STAMP) system-deps
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

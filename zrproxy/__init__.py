@@ -1,0 +1,1 @@
+"""zrproxy: a zero-retention streaming reverse proxy for LLM APIs."""

@@ -1,0 +1,206 @@
+"""The service: the API and admin listeners and their lifecycle (start, ready, drain, stop).
+
+Logs lifecycle events only. aiohttp's access log is off, and its request handler is
+replaced where it would log or echo raw request bytes (parser errors, tracebacks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import prometheus_client
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from prometheus_client import CollectorRegistry
+
+from zrproxy.config import Address, Config
+from zrproxy.errors import StartupError
+from zrproxy.metrics import Metrics
+from zrproxy.proxy import Proxy, ServiceState
+from zrproxy.upstream import Upstreams
+
+log = logging.getLogger("zrproxy")
+
+_BAD_HTTP = (
+    b'{"error":{"message":"Malformed HTTP request.","type":"invalid_request_error",'
+    b'"param":null,"code":"bad_http_request"}}'
+)
+_INTERNAL = (
+    b'{"error":{"message":"Internal proxy error.","type":"api_error",'
+    b'"param":null,"code":"internal_error"}}'
+)
+# After the drain deadline, how long cancelled streams get to write their error event.
+_CANCEL_GRACE_S = 2.0
+
+
+class _ContentFreeRequestHandler(RequestHandler):
+    """aiohttp's connection handler, minus everything that could log or echo content.
+
+    Its parser errors carry the raw bytes that failed to parse, and it would log them
+    with a traceback and put them in the 400 body. We answer with a fixed body and log
+    only the error's type.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        if status >= 500:
+            log.error("request handling failed (%s)", type(exc).__name__)
+        body = _INTERNAL if status >= 500 else _BAD_HTTP
+        response = web.Response(status=status, body=body, content_type="application/json")
+        response.force_close()
+        return response
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        exc = kw.get("exc_info")
+        log.error("connection handling failed (%s)", type(exc).__name__ if exc else "unknown")
+
+    def log_debug(self, *args: Any, **kw: Any) -> None:
+        pass  # aiohttp's debug lines carry exceptions whose text may quote request bytes
+
+
+class _ApiServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _ContentFreeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class Service:
+    """One process's listeners. `start()`, then `drain()` and `stop()` on the way out."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        exposition_registry: CollectorRegistry | None = None,
+        reuse_port: bool = False,
+        admin: bool = True,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.state = ServiceState()
+        self._exposition = exposition_registry or self.metrics.registry
+        self._reuse_port = reuse_port
+        self._with_admin = admin
+        self._upstreams: Upstreams | None = None
+        self._api_server: _ApiServer | None = None
+        self._api_runner: web.ServerRunner | None = None
+        self._api_site: web.TCPSite | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.api_address: Address | None = None
+        self.admin_address: Address | None = None
+
+    async def start(self) -> None:
+        server = self.config.server
+        self._upstreams = Upstreams(self.config)
+        proxy = Proxy(self.config, self._upstreams, self.metrics, self.state)
+        self._api_server = _ApiServer(
+            proxy.handle,
+            handler_cancellation=True,  # a client that leaves cancels its upstream request
+            access_log=None,
+            keepalive_timeout=server.keepalive_timeout_s,
+        )
+        self._api_runner = web.ServerRunner(self._api_server, handle_signals=False)
+        await self._api_runner.setup()
+        self._api_site = web.TCPSite(
+            self._api_runner,
+            server.listen.host,
+            server.listen.port,
+            reuse_port=self._reuse_port or None,
+            backlog=1024,
+        )
+        await _bind(self._api_site, "server.listen")
+        self.api_address = _bound(self._api_runner)
+        if self._with_admin:
+            self._admin_runner = web.AppRunner(
+                admin_app(self.state, self._exposition), access_log=None, handle_signals=False
+            )
+            await self._admin_runner.setup()
+            site = web.TCPSite(
+                self._admin_runner, server.admin_listen.host, server.admin_listen.port
+            )
+            await _bind(site, "server.admin_listen")
+            self.admin_address = _bound(self._admin_runner)
+        self.state.ready = True
+        log.info(
+            "zrproxy ready: api=http://%s admin=http://%s",
+            self.api_address,
+            self.admin_address or "none",
+        )
+
+    async def drain(self) -> None:
+        """Stop taking connections, let streams finish until the deadline, then end them."""
+        state = self.state
+        state.draining = True
+        log.info("draining: %d requests in flight", len(state.handlers))
+        if self._api_site is not None:
+            await self._api_site.stop()
+        if self._api_server is not None:
+            self._api_server.pre_shutdown()  # idle keep-alive connections close now
+        await _wait_for(state.handlers, self.config.server.drain_timeout_s)
+        if state.handlers:
+            log.info("drain deadline: ending %d requests", len(state.handlers))
+            state.drain_expired = True
+            for task in list(state.handlers):
+                task.cancel()
+            await _wait_for(state.handlers, _CANCEL_GRACE_S)
+        log.info("drained")
+
+    async def stop(self) -> None:
+        if self._api_runner is not None:
+            await self._api_runner.cleanup()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        if self._upstreams is not None:
+            await self._upstreams.close()
+        log.info("stopped")
+
+
+async def _wait_for(tasks: set[asyncio.Task[object]], timeout_s: float) -> None:
+    """Until the handler tasks in `tasks` (a live set) have all finished, or the timeout."""
+    if tasks:
+        await asyncio.wait(list(tasks), timeout=timeout_s)
+
+
+async def _bind(site: web.TCPSite, key: str) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        raise StartupError(f"{key}: cannot listen ({exc.strerror})") from None
+
+
+def _bound(runner: web.BaseRunner) -> Address:
+    host, port = runner.addresses[0][:2]
+    return Address(host, port)
+
+
+def admin_app(state: ServiceState, registry: CollectorRegistry) -> web.Application:
+    """/metrics, /healthz and /readyz for operators."""
+
+    async def metrics(_request: web.Request) -> web.Response:
+        body = prometheus_client.generate_latest(registry)
+        return web.Response(
+            body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
+        )
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_request: web.Request) -> web.Response:
+        if state.ready and not state.draining:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="draining\n" if state.draining else "starting\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

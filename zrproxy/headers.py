@@ -1,0 +1,90 @@
+"""Which HTTP headers cross the proxy, in each direction. Precomputed, no per-request work.
+
+Never copies a header value into anything but the outgoing request or response.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus the framing headers aiohttp recomputes itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_FRAMING = frozenset({"content-length", "host", "expect"})
+
+# The client's credentials and identity never reach the upstream: we inject our own key.
+_CLIENT_CREDENTIALS = frozenset(
+    {
+        "authorization",
+        "x-api-key",
+        "cookie",
+        "openai-organization",
+        "openai-project",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+    }
+)
+DROP_FROM_REQUEST = HOP_BY_HOP | _FRAMING | _CLIENT_CREDENTIALS
+
+# The upstream's cookies and its own request id do not reach the client: the client gets
+# ours (the upstream's is renamed so support tickets can still quote it).
+DROP_FROM_RESPONSE = HOP_BY_HOP | frozenset({"content-length", "set-cookie", "x-request-id"})
+UPSTREAM_REQUEST_ID = "x-upstream-request-id"
+
+REQUEST_ID = "X-Request-Id"
+# A client-chosen id is passed through only if it is short and plain; anything else is
+# replaced, so an id can never smuggle content into our logs or the upstream's.
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+# Streaming responses must not be buffered by anything between us and the client.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def request_id(incoming: str | None) -> str:
+    """The client's request id when it is well-formed, else a new random one."""
+    if incoming is not None and _REQUEST_ID_OK.fullmatch(incoming):
+        return incoming
+    return secrets.token_hex(16)
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str], injected: dict[str, str]
+) -> CIMultiDict[str]:
+    """Client headers minus hop-by-hop and credentials, plus the upstream's own headers."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() not in DROP_FROM_REQUEST:
+            out.add(name, value)
+    for name, value in injected.items():
+        out[name] = value
+    return out
+
+
+def client_response_headers(upstream: CIMultiDictProxy[str], rid: str) -> CIMultiDict[str]:
+    """Upstream response headers minus hop-by-hop and cookies, plus our request id."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower == "x-request-id":
+            out.add(UPSTREAM_REQUEST_ID, value)
+        elif lower not in DROP_FROM_RESPONSE:
+            out.add(name, value)
+    out[REQUEST_ID] = rid
+    return out

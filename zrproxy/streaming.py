@@ -1,0 +1,78 @@
+"""The relay loop: upstream bytes to the client as they arrive, with backpressure.
+
+# Goals
+Every chunk read from the upstream is written to the client at once, unchanged (the
+usage tap may only drop the usage event we asked for ourselves). While the client is
+slow, `write` waits for the socket to drain, so we stop reading the upstream and its
+bytes wait in the kernel, not in our memory. Nothing per chunk but the read, the write
+and two counters.
+
+# Strategy
+Failures come back as an outcome, not an exception: an exception's traceback would keep
+this frame, and with it the last chunk, alive. On cancellation (client gone, drain) the
+`finally` drops the chunk before the exception travels up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+from aiohttp import StreamReader
+from aiohttp.web import StreamResponse
+
+from zrproxy.usage import UsageTap
+
+Outcome = Literal["completed", "upstream_error", "upstream_timeout", "client_gone"]
+
+
+@dataclass(slots=True)
+class RelayResult:
+    outcome: Outcome
+    bytes_out: int
+    chunks: int
+    first_byte_at: float  # loop time of the first body byte written; 0.0 if none
+
+
+async def relay(source: StreamReader, sink: StreamResponse, tap: UsageTap | None) -> RelayResult:
+    """Copy `source` to `sink` chunk by chunk until either side ends."""
+    read = source.readany
+    write = sink.write
+    sent = chunks = 0
+    first_byte_at = 0.0
+    data = b""
+    try:
+        while True:
+            try:
+                data = await read()
+            except TimeoutError:
+                return RelayResult("upstream_timeout", sent, chunks, first_byte_at)
+            except (aiohttp.ClientError, OSError):
+                return RelayResult("upstream_error", sent, chunks, first_byte_at)
+            if not data:
+                data = tap.flush() if tap is not None else b""
+                if data:
+                    try:
+                        await write(data)
+                    except (ConnectionError, aiohttp.ClientError):
+                        return RelayResult("client_gone", sent, chunks, first_byte_at)
+                    sent += len(data)
+                return RelayResult("completed", sent, chunks, first_byte_at)
+            if tap is not None:
+                data = tap.feed(data)
+                if not data:
+                    continue
+            if not chunks:
+                first_byte_at = asyncio.get_running_loop().time()
+            try:
+                await write(data)
+            except (ConnectionError, aiohttp.ClientError):
+                return RelayResult("client_gone", sent, chunks, first_byte_at)
+            sent += len(data)
+            chunks += 1
+    finally:
+        data = b""
+        if tap is not None:
+            tap.close()

@@ -1,0 +1,200 @@
+"""Token usage read out of responses as they pass through, without holding them back.
+
+# Goals
+Count prompt and completion tokens from the upstream's own usage objects, for OpenAI-
+and Anthropic-style streams and plain JSON bodies, at the cost of one `bytes.find` per
+chunk; never delay a content byte; keep no content once the response ends.
+
+# Strategy
+In JSON a raw `"usage":` can only be an object key: inside a string value the quotes are
+escaped. So a byte search finds every usage object without parsing the body; only the
+small object itself is decoded. The last occurrence of each field wins (Anthropic
+repeats cumulative counts in message_delta).
+
+When we asked an OpenAI stream for usage the client did not ask for, the final usage
+event must not reach the client. That event carries no content ("choices":[]), so the
+tap may hold back the *start* of an event until it can tell which kind it is: an event
+whose bytes show `"choices":[{` is a content event and is forwarded at once.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+_KEY = b'"usage":'
+_KEY_TAIL = len(_KEY) - 1
+_EVENT_END = b"\n\n"
+_CONTENT_EVENT = b'"choices":[{'
+# An event start longer than this is forwarded even if undecided (never hold much).
+_MAX_HELD = 4096
+_MAX_USAGE_OBJECT = 2048
+_PROMPT_FIELDS = (
+    "prompt_tokens",
+    "input_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+_COMPLETION_FIELDS = ("completion_tokens", "output_tokens")
+
+
+def _object_end(buf: bytes, start: int) -> int:
+    """Index just past the JSON object starting at `start` (usage holds no strings with
+    braces), or -1 if it is not complete in `buf`."""
+    depth = 0
+    stop = min(len(buf), start + _MAX_USAGE_OBJECT)
+    for i in range(start, stop):
+        c = buf[i]
+        if c == 0x7B:  # {
+            depth += 1
+        elif c == 0x7D:  # }
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return -1 if stop == len(buf) else len(buf)  # too long: give up on this object
+
+
+class UsageTap:
+    """Feed it every chunk in order; read `prompt_tokens` / `completion_tokens` at the end."""
+
+    __slots__ = ("_after_newline", "_counts", "_held", "_mid_event", "_pending", "_strip", "_tail")
+
+    def __init__(self, strip_usage_event: bool = False) -> None:
+        self._strip = strip_usage_event
+        self._counts: dict[str, int] = {}
+        self._tail = b""  # last bytes of the previous chunk, for a key split across chunks
+        self._pending = b""  # an unfinished usage object (content-free)
+        self._held = b""  # strip mode: an undecided event start (content-free)
+        self._mid_event = False  # strip mode: inside a content event being forwarded
+        self._after_newline = False  # ... and the last forwarded byte was a newline
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self._counts.get(f, 0) for f in _PROMPT_FIELDS)
+
+    @property
+    def completion_tokens(self) -> int:
+        return max((self._counts.get(f, 0) for f in _COMPLETION_FIELDS), default=0)
+
+    def feed(self, data: bytes) -> bytes:
+        """Scan `data` for usage; return the bytes to forward (all of them unless stripping)."""
+        if not data:
+            return data
+        if self._strip:
+            return self._feed_stripping(data)
+        self._scan(data)
+        return data
+
+    def flush(self) -> bytes:
+        """Bytes still held back when the upstream ends (an event cut short)."""
+        held, self._held = self._held, b""
+        return held
+
+    def close(self) -> None:
+        """Drop every byte kept between chunks."""
+        self._tail = self._pending = self._held = b""
+
+    # --- scanning ---------------------------------------------------------------------
+
+    def _scan(self, data: bytes) -> bool:
+        """Record every usage object in `data`; True if one was found."""
+        found = False
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        elif self._tail:
+            joined = self._tail + data[:_KEY_TAIL]
+            split = joined.find(_KEY)
+            if split != -1:
+                data = self._tail[split:] + data
+        pos = data.find(_KEY)
+        while pos != -1:
+            start = pos + len(_KEY)
+            while start < len(data) and data[start] in b" \t\r\n":
+                start += 1
+            if start == len(data):
+                self._pending = data[pos:]
+                return found
+            if data[start] == 0x7B:
+                end = _object_end(data, start)
+                if end == -1:
+                    self._pending = data[pos:]
+                    return found
+                self._record(data[start:end])
+                found = True
+                start = end
+            pos = data.find(_KEY, start)
+        if len(data) < _KEY_TAIL:
+            data = self._tail + data
+        self._tail = data[-_KEY_TAIL:]
+        return found
+
+    def _scan_event(self, event: bytes) -> bool:
+        found = self._scan(event)
+        self._tail = self._pending = b""
+        return found
+
+    def _record(self, raw: bytes) -> None:
+        try:
+            usage = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            usage = None
+        if not isinstance(usage, dict):
+            return
+        for name in (*_PROMPT_FIELDS, *_COMPLETION_FIELDS):
+            value = usage.get(name)
+            if type(value) is int and value >= 0:
+                self._counts[name] = value
+
+    # --- strip mode: OpenAI stream whose usage event we asked for ---------------------
+
+    def _feed_stripping(self, data: bytes) -> bytes:
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        if self._mid_event:
+            # The blank line that ends the event may straddle the two chunks.
+            if self._after_newline and data[:1] == b"\n":
+                cut = 1
+            else:
+                end = data.find(_EVENT_END)
+                if end == -1:
+                    self._after_newline = data.endswith(b"\n")
+                    return data
+                cut = end + 2
+            self._mid_event = False
+            head, data = data[:cut], data[cut:]
+            return head + self._feed_stripping(data) if data else head
+        if _KEY in data:
+            return self._cut_usage_events(data)
+        if data.endswith(_EVENT_END) or not data:
+            return data
+        # The chunk ends inside an event: forward it unless it might be the usage event.
+        start = data.rfind(_EVENT_END) + 2 if _EVENT_END in data else 0
+        partial = data[start:]
+        if _CONTENT_EVENT in partial or len(partial) > _MAX_HELD:
+            self._mid_event = True
+            self._after_newline = partial.endswith(b"\n")
+            return data
+        self._held = partial
+        return data[:start]
+
+    def _cut_usage_events(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        start = 0
+        while start < len(data):
+            end = data.find(_EVENT_END, start)
+            if end == -1:
+                partial = data[start:]
+                if _CONTENT_EVENT in partial or len(partial) > _MAX_HELD:
+                    self._mid_event = True
+                    self._after_newline = partial.endswith(b"\n")
+                    out.append(partial)
+                else:
+                    self._held = partial
+                break
+            event = data[start : end + 2]
+            start = end + 2
+            if _KEY in event and _CONTENT_EVENT not in event and self._scan_event(event):
+                continue  # the usage event we asked for: counted, not forwarded
+            out.append(event)
+        return b"".join(out)
