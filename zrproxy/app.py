@@ -50,6 +50,11 @@ class _ContentFreeRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        if exc is not None:
+            # A parser error's traceback holds the frame that parsed the raw bytes, and
+            # that frame holds the error (a cycle): break it so the bytes die now, not at
+            # the next garbage collection.
+            exc.__traceback__ = exc.__context__ = None
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
         if status >= 500:

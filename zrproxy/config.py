@@ -115,7 +115,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
 
 
 def _toml_position(exc: Exception) -> str:
-    match = re.search(r"\(at line \d+, column \d+\)", str(exc))
+    match = re.search(r"\(at (?:line \d+, column \d+|end of document)\)", str(exc))
     return match.group(0)[1:-1] if match else "encoding error"
 
 

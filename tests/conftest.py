@@ -1,0 +1,101 @@
+"""Shared fixtures: the real proxy and the bundled mock, on loopback sockets, port 0.
+
+The proxy runs through our own `Service` (never aiohttp's TestServer), so tests see
+production settings: handler cancellation on, access log off, our request handler.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import uvloop
+
+from zrproxy.app import Service
+from zrproxy.auth import new_key
+from zrproxy.config import parse_config
+from zrproxy.mock_upstream import MOCK_STATS, MockStats, start_mock
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@dataclass
+class Mock:
+    url: str  # base URL ending in /v1, usable as an upstream base_url
+    stats: MockStats
+
+
+@dataclass
+class RunningProxy:
+    service: Service
+    url: str  # http://127.0.0.1:PORT
+    admin_url: str
+    key: str  # a valid API key of project "acme"
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[Mock]:
+    runner, url = await start_mock()
+    try:
+        yield Mock(url, runner.app[MOCK_STATS])
+    finally:
+        await runner.cleanup()
+
+
+def config_data(
+    upstreams: list[dict[str, Any]],
+    key_sha256: str,
+    *,
+    routes: list[dict[str, Any]] | None = None,
+    projects: list[dict[str, Any]] | None = None,
+    **server: Any,
+) -> dict[str, Any]:
+    """A config as parsed TOML data; listeners on loopback port 0."""
+    return {
+        "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", **server},
+        "upstreams": upstreams,
+        "routes": routes or [{"model": "*", "upstreams": [u["name"] for u in upstreams]}],
+        "projects": projects or [{"name": "acme", "key_sha256": [key_sha256]}],
+    }
+
+
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[StartProxy]:
+    """start_proxy(upstreams, routes=..., projects=..., environ=..., **server) -> RunningProxy"""
+    services: list[Service] = []
+
+    async def start(
+        upstreams: list[dict[str, Any]],
+        *,
+        environ: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> RunningProxy:
+        key, digest = new_key()
+        data = config_data(copy.deepcopy(upstreams), digest, **kwargs)
+        service = Service(parse_config(data, environ or {}))
+        await service.start()
+        services.append(service)
+        return RunningProxy(
+            service, f"http://{service.api_address}", f"http://{service.admin_address}", key
+        )
+
+    yield start
+    for service in services:
+        await service.stop()
+
+
+@pytest.fixture
+async def proxy(mock: Mock, start_proxy: StartProxy) -> RunningProxy:
+    """The proxy with one OpenAI-kind upstream (the mock) serving every model."""
+    return await start_proxy([{"name": "mock", "kind": "openai", "base_url": mock.url}])

@@ -1,0 +1,211 @@
+"""Streaming through the real proxy: chunk by chunk, backpressure, client disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+import sys
+import time
+import tracemalloc
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.conftest import Mock, RunningProxy, StartProxy
+
+CHAT = "/v1/chat/completions"
+
+
+def chat_body(model: str, stream: bool = True, text: str = "hello") -> bytes:
+    return orjson.dumps(
+        {"model": model, "stream": stream, "messages": [{"role": "user", "content": text}]}
+    )
+
+
+@contextlib.asynccontextmanager
+async def lockstep_upstream(chunks: int) -> AsyncIterator[tuple[str, list[asyncio.Event]]]:
+    """An upstream that sends chunk i only after the test says chunk i-1 arrived."""
+    acks = [asyncio.Event() for _ in range(chunks)]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(chunks):
+            await response.write(f'data: {{"i":{i}}}\n\n'.encode())
+            await asyncio.wait_for(acks[i].wait(), timeout=10)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1", acks
+    finally:
+        await runner.cleanup()
+
+
+async def test_each_chunk_reaches_the_client_before_the_next_is_sent(
+    start_proxy: StartProxy,
+) -> None:
+    # The upstream waits for our acknowledgement of chunk i before sending chunk i+1, so a
+    # proxy that buffers (whole events, or a response) deadlocks and the test times out.
+    async with lockstep_upstream(5) as (url, acks):
+        proxy = await start_proxy([{"name": "lock", "kind": "openai", "base_url": url}])
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(proxy.url + CHAT, data=chat_body("m"), headers=proxy.auth()) as resp,
+        ):
+            assert resp.status == 200
+            for i in range(5):
+                line = await asyncio.wait_for(resp.content.readline(), timeout=5)
+                assert line == f'data: {{"i":{i}}}\n'.encode()
+                assert await resp.content.readline() == b"\n"
+                acks[i].set()
+            assert await resp.content.read() == b"data: [DONE]\n\n"
+
+
+async def test_paced_chunks_arrive_paced(mock: Mock, proxy: RunningProxy) -> None:
+    # The mock sends a content chunk every 200 ms; each must arrive in its own read, not
+    # batched with the next (a buffering proxy would deliver several per read).
+    arrivals: list[float] = []
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(proxy.url + CHAT, data=chat_body("mock-n4-d200"), headers=proxy.auth()) as resp,
+    ):
+        async for data, _ in resp.content.iter_chunks():
+            assert data.count(b'"delta":{"content"') <= 1, "two content chunks arrived together"
+            if b'"delta":{"content"' in data:
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == 4
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    # Generous: the chunks are sent 200 ms apart; batching would make some gap ~0.
+    assert min(gaps) > 0.1
+
+
+@pytest.fixture
+async def mock_process() -> AsyncIterator[str]:
+    """The bundled mock in its own process, so memory measured here is the proxy's."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "zrproxy.mock_upstream",
+        "--listen",
+        "127.0.0.1:0",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    url = ""
+    while not url:
+        line = await asyncio.wait_for(process.stderr.readline(), timeout=20)
+        assert line, "mock upstream exited"
+        if b"listening on " in line:
+            url = line.split(b"listening on ")[1].strip().decode()
+    try:
+        yield url.rstrip("/") + ("" if url.endswith("/v1") else "/v1")
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+# Stated in the README: what one stream can hold in the proxy while its client is slow.
+PER_STREAM_BOUND_BYTES = 512 * 1024
+
+
+async def test_slow_client_holds_bounded_memory(mock_process: str, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy([{"name": "mock", "kind": "openai", "base_url": mock_process}])
+    host, port = proxy.url.removeprefix("http://").split(":")
+    body = chat_body("mock-n4000-s16384")  # ~64 MiB of completion, as fast as it can go
+    request = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {proxy.key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    # A raw socket with a small receive buffer that we stop reading: the slow client.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (host, int(port)))
+    tracemalloc.start()
+    try:
+        await loop.sock_sendall(sock, request)
+        first = await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout=10)
+        assert first.startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.5)  # let every buffer between upstream and client fill up
+        tracemalloc.reset_peak()
+        baseline, _ = tracemalloc.get_traced_memory()
+        for _ in range(10):
+            await asyncio.sleep(0.1)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Backpressure held: while stalled, the proxy's memory did not grow with the stream.
+    assert peak - baseline < PER_STREAM_BOUND_BYTES, peak - baseline
+    # And it kept relaying once the client read again: drain a few MiB.
+    received = 0
+    deadline = time.monotonic() + 20
+    while received < 8 * 1024 * 1024 and time.monotonic() < deadline:
+        received += len(await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), timeout=10))
+    sock.close()
+    assert received >= 8 * 1024 * 1024
+
+
+async def _mock_record_end(mock: Mock, rid: str, timeout: float = 5.0) -> float:
+    """When the mock saw request `rid` end as disconnected (monotonic time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = mock.stats.requests.get(rid)
+        if record is not None and record.end is not None:
+            assert record.end == "disconnected", record.end
+            assert record.ended_at is not None
+            return record.ended_at
+        await asyncio.sleep(0.02)
+    raise AssertionError("the upstream request was not closed")
+
+
+@pytest.mark.parametrize("model", ["mock-n200-d50", "mock-hangbody"])
+async def test_client_disconnect_closes_the_upstream_request(
+    mock: Mock, proxy: RunningProxy, model: str
+) -> None:
+    # Mid-stream, and while the upstream is silent after its first chunk: the upstream
+    # must see its request closed within a second of the client leaving (nobody pays
+    # for unread tokens).
+    rid = f"disconnect-{model}"
+    headers = {**proxy.auth(), "X-Request-Id": rid}
+    async with aiohttp.ClientSession() as client:
+        resp = await client.post(proxy.url + CHAT, data=chat_body(model), headers=headers)
+        assert resp.status == 200
+        await asyncio.wait_for(resp.content.readline(), timeout=5)
+        resp.close()  # drops the connection under the open response
+        left_at = time.monotonic()
+    ended_at = await _mock_record_end(mock, rid)
+    assert ended_at - left_at < 1.0
+
+
+async def test_client_leaving_before_upstream_headers_closes_upstream(
+    mock: Mock, proxy: RunningProxy
+) -> None:
+    rid = "disconnect-before-headers"
+    headers = {**proxy.auth(), "X-Request-Id": rid}
+    async with aiohttp.ClientSession() as client:
+        task = asyncio.create_task(
+            client.post(proxy.url + CHAT, data=chat_body("mock-f30000"), headers=headers)
+        )
+        while rid not in mock.stats.requests:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        left_at = time.monotonic()
+    ended_at = await _mock_record_end(mock, rid)
+    assert ended_at - left_at < 1.0
