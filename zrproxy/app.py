@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import prometheus_client
+import uvloop
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
@@ -135,11 +139,12 @@ class Service:
             await _bind(site, "server.admin_listen")
             self.admin_address = _bound(self._admin_runner)
         self.state.ready = True
-        log.info(
-            "zrproxy ready: api=http://%s admin=http://%s",
-            self.api_address,
-            self.admin_address or "none",
-        )
+        if self.admin_address is None:
+            log.info("worker %d ready: api=http://%s", os.getpid(), self.api_address)
+        else:
+            log.info(
+                "zrproxy ready: api=http://%s admin=http://%s", self.api_address, self.admin_address
+            )
 
     async def drain(self) -> None:
         """Stop taking connections, let streams finish until the deadline, then end them."""
@@ -209,3 +214,21 @@ def admin_app(state: ServiceState, registry: CollectorRegistry) -> web.Applicati
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
+
+
+def run_loop(main: Callable[[], Coroutine[Any, Any, int]], scrub: bool) -> int:
+    """Run `main` on uvloop, or on the stdlib loop in scrub mode."""
+    # uvloop reads every connection into one shared buffer that keeps the last bytes
+    # read; the stdlib loop allocates (and, in scrub mode, wipes) a buffer per read.
+    factory = asyncio.new_event_loop if scrub else uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
+def stop_requested() -> asyncio.Event:
+    """An event set by the first SIGTERM or SIGINT (call inside the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

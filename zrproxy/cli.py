@@ -6,18 +6,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
+import functools
 import logging
-import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import uvloop
-
 from zrproxy import hardening, mock_upstream
-from zrproxy.app import Service
+from zrproxy.app import Service, run_loop, stop_requested
 from zrproxy.auth import new_key
 from zrproxy.config import (
     Config,
@@ -27,6 +24,7 @@ from zrproxy.config import (
     process_environment,
 )
 from zrproxy.errors import ConfigError, StartupError
+from zrproxy.workers import Supervisor
 
 log = logging.getLogger("zrproxy")
 
@@ -124,70 +122,72 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     if scrub and not hardening.is_scrubbed(environ):
         log.info("scrub mode: restarting with a wiping allocator")
         hardening.reexec_scrubbed(argv, environ)
+    harden = functools.partial(_harden, config is not None and config.server.mlock)
+    harden()
+    if config is not None:
+        config = _apply_overrides(config, args)
+        return run_loop(lambda: _serve_config(config, harden), scrub)
+    return run_loop(lambda: _serve_embedded(args, scrub, harden), scrub)
+
+
+def _harden(mlock: bool) -> None:
+    """Process hardening, in the parent and again in every worker process."""
     hardening.disable_core_dumps()
-    mlock = config is not None and config.server.mlock
     if mlock:
         hardening.lock_memory()
     elif hardening.swap_enabled():
         log.warning("swap is on and server.mlock is off: memory holding content may be swapped")
-    if config is not None:
-        config = _apply_overrides(config, args)
-        return _run(lambda: _serve_config(config), scrub)
-    return _run(lambda: _serve_embedded(args), scrub)
 
 
-def _run(main: Callable[[], Coroutine[Any, Any, int]], scrub: bool) -> int:
-    # uvloop reads every connection into one shared buffer that keeps the last bytes
-    # read; scrub mode uses the stdlib loop, which allocates (and frees) per read.
-    factory = asyncio.new_event_loop if scrub else uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main())
-
-
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
-
-
-async def _serve_config(config: Config) -> int:
+async def _serve_config(
+    config: Config, harden: Callable[[], None], banner: Callable[[str], None] | None = None
+) -> int:
+    stop = stop_requested()
+    if config.server.workers > 1:
+        supervisor = Supervisor(config, harden)
+        try:
+            await supervisor.start()
+            if banner is not None:
+                banner(f"http://{supervisor.api_address}")
+            await supervisor.supervise(stop)
+            await supervisor.drain()
+        finally:
+            await supervisor.stop()
+        return 0
     service = Service(config)
     try:
         await service.start()
-        await _until_signalled()
+        if banner is not None:
+            banner(f"http://{service.api_address}")
+        await stop.wait()
         await service.drain()
     finally:
         await service.stop()
     return 0
 
 
-async def _serve_embedded(args: argparse.Namespace) -> int:
+async def _serve_embedded(args: argparse.Namespace, scrub: bool, harden: Callable[[], None]) -> int:
     mock_runner, mock_url = await mock_upstream.start_mock("127.0.0.1", 0)
     key, digest = new_key()
     config = _apply_overrides(embedded_default(mock_url, bytes.fromhex(digest)), args)
+    if scrub:
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, scrub_memory=True)
+        )
+
+    def banner(api: str) -> None:
+        sys.stdout.write(
+            "\nzrproxy is running on its embedded demo config: every model goes to the\n"
+            f"bundled mock upstream at {mock_url}.\n"
+            f"Demo API key (new at every start): {key}\n\nTry:\n"
+            f"  curl -N {api}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+            "-H 'Content-Type: application/json' "
+            '-d \'{"model":"mock-n16-d100","stream":true,'
+            '"messages":[{"role":"user","content":"Hello zrproxy"}]}\'\n\n'
+        )
+        sys.stdout.flush()
+
     try:
-        service = Service(config)
-        try:
-            await service.start()
-            api = f"http://{service.api_address}"
-            sys.stdout.write(
-                "\nzrproxy is running on its embedded demo config: every model goes to the\n"
-                f"bundled mock upstream at {mock_url}.\n"
-                f"Demo API key (new at every start): {key}\n\nTry:\n"
-                f"  curl -N {api}/v1/chat/completions -H 'Authorization: Bearer {key}' "
-                "-H 'Content-Type: application/json' "
-                '-d \'{"model":"mock-n16-d100","stream":true,'
-                '"messages":[{"role":"user","content":"Hello zrproxy"}]}\'\n\n'
-            )
-            sys.stdout.flush()
-            await _until_signalled()
-            await service.drain()
-        finally:
-            await service.stop()
+        return await _serve_config(config, harden, banner)
     finally:
         await mock_runner.cleanup()
-    return 0

@@ -1,0 +1,132 @@
+"""The proxy and the mock as real subprocesses (test helper).
+
+Configs are written as TOML files, the processes' ready lines are read from stderr,
+and every process is stopped (SIGTERM, then SIGKILL) when the context exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+_READY = re.compile(rb"zrproxy ready: api=(http://\S+) admin=(http://\S+)")
+_MOCK = re.compile(rb"mock upstream listening on (http://\S+)")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(type(value))
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Enough TOML for our config shape: tables, arrays of tables, inline tables."""
+    lines: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"[{key}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for table in value:
+                lines.append(f"[[{key}]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        else:
+            lines.insert(0, f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Proc:
+    process: subprocess.Popen[bytes]
+    url: str  # the API (or the mock's /v1 base URL)
+    admin_url: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def _wait_for(stream: IO[bytes], pattern: re.Pattern[bytes], timeout_s: float) -> re.Match[bytes]:
+    deadline = time.monotonic() + timeout_s
+    seen = b""
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        seen += line
+        match = pattern.search(line)
+        if match:
+            return match
+    raise AssertionError(f"process did not get ready; it said:\n{seen.decode(errors='replace')}")
+
+
+def stop(process: subprocess.Popen[bytes], timeout_s: float = 10) -> int:
+    try:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                return process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        return process.wait()
+    finally:
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@contextlib.contextmanager
+def mock_process() -> Iterator[Proc]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "zrproxy.mock_upstream", "--listen", "127.0.0.1:0"],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stderr is not None
+        url = _wait_for(process.stderr, _MOCK, 30).group(1).decode().rstrip("/")
+        yield Proc(process, url if url.endswith("/v1") else url + "/v1")
+    finally:
+        stop(process)
+
+
+@contextlib.contextmanager
+def proxy_process(
+    config: dict[str, Any],
+    tmp_path: Path,
+    *args: str,
+    wrapper: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Iterator[Proc]:
+    """`zrproxy serve --config` as a subprocess; yields once it logged its ready line."""
+    path = tmp_path / f"zrproxy-{len(list(tmp_path.iterdir()))}.toml"
+    path.write_text(to_toml(config))
+    process = subprocess.Popen(
+        [*(wrapper or []), sys.executable, "-m", "zrproxy", "serve", "--config", str(path), *args],
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+    try:
+        assert process.stderr is not None
+        match = _wait_for(process.stderr, _READY, 60)
+        yield Proc(process, match.group(1).decode(), match.group(2).decode())
+    finally:
+        stop(process)

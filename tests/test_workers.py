@@ -1,0 +1,121 @@
+"""`serve --workers N`: one port, summed metrics, restarted crashes, one SIGTERM drains all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.processes import mock_process, proxy_process
+from zrproxy.auth import new_key
+
+
+def _children(parent: int) -> set[int]:
+    """Worker processes of `parent` (not multiprocessing's resource tracker)."""
+    workers = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"resource_tracker" not in cmdline:
+            workers.add(int(entry))
+    return workers
+
+
+def _metrics_dir(pid: int) -> Path:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    value = next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+    return Path(value.split(b"=", 1)[1].decode())
+
+
+async def _requests_total(admin_url: str) -> float:
+    async with aiohttp.ClientSession() as client, client.get(admin_url + "/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "zrproxy_requests"
+        for sample in family.samples
+        if sample.name == "zrproxy_requests_total"
+    )
+
+
+async def _send(url: str, key: str, count: int) -> list[int]:
+    statuses = []
+    body = orjson.dumps({"model": "mock-n2", "messages": [{"role": "user", "content": "hi"}]})
+    for _ in range(count):
+        # A fresh connection each time, so the kernel spreads them over the workers.
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(
+                url + "/v1/chat/completions", data=body, headers={"Authorization": f"Bearer {key}"}
+            ) as resp,
+        ):
+            await resp.read()
+            statuses.append(resp.status)
+    return statuses
+
+
+def _wait_until(predicate, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+async def test_workers_share_a_port_sum_metrics_restart_and_drain(tmp_path: Path) -> None:
+    key, digest = new_key()
+    with mock_process() as mock:
+        config = {
+            "server": {
+                "listen": "127.0.0.1:0",
+                "admin_listen": "127.0.0.1:0",
+                "drain_timeout_s": 2,
+            },
+            "upstreams": [{"name": "mock", "kind": "openai", "base_url": mock.url}],
+            "routes": [{"model": "*", "upstreams": ["mock"]}],
+            "projects": [{"name": "acme", "key_sha256": [digest]}],
+        }
+        with proxy_process(config, tmp_path, "--workers", "2") as proxy:
+            workers = _children(proxy.pid)
+            assert len(workers) == 2, workers
+            metrics_dir = _metrics_dir(next(iter(workers)))
+            assert str(metrics_dir).startswith("/dev/shm/")
+
+            assert await _send(proxy.url, key, 40) == [200] * 40
+            assert await _requests_total(proxy.admin_url) == 40
+            # Both workers served traffic: each wrote its own counter file.
+            writers = {p.name for p in metrics_dir.glob("counter_*.db")}
+            assert {f"counter_{pid}.db" for pid in workers} <= writers
+
+            # A crashed worker is replaced, and the service keeps answering.
+            crashed = next(iter(workers))
+            os.kill(crashed, signal.SIGKILL)
+            assert _wait_until(lambda: len(_children(proxy.pid) - {crashed}) == 2, 20)
+            assert await _send(proxy.url, key, 10) == [200] * 10
+            assert await _requests_total(proxy.admin_url) == 50  # counters survive a crash
+
+            survivors = _children(proxy.pid)
+            proxy.process.send_signal(signal.SIGTERM)
+            assert proxy.process.wait(30) == 0
+            assert not metrics_dir.exists()
+            assert all(not Path(f"/proc/{pid}").exists() or _is_zombie(pid) for pid in survivors)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
