@@ -1,0 +1,138 @@
+"""Counters only, with label sets bounded by the config whatever clients send."""
+
+from __future__ import annotations
+
+import random
+import secrets
+
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Mock, StartProxy
+from zrproxy.metrics import STATUS_CLASSES
+
+PATHS = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/models",
+]
+FIXED_ENUMS = {
+    "status_class": set(STATUS_CLASSES),
+    "stream": {"true", "false"},
+    "type": {"prompt", "completion"},
+    "kind": {"connect", "timeout", "status_429", "status_5xx", "reset"},
+    "reason": {"auth", "model", "size", "malformed", "not_found", "method", "draining", "region"},
+    "le": None,  # histogram buckets: fixed by the code
+}
+
+
+async def test_series_stay_within_the_config_bound(mock: Mock, start_proxy: StartProxy) -> None:
+    upstreams = [
+        {"name": "mock-a", "kind": "openai", "base_url": mock.url},
+        {"name": "mock-b", "kind": "anthropic", "base_url": mock.url},
+    ]
+    routes = [
+        {"model": "mock-n2*", "upstreams": ["mock-a"], "name": "short"},
+        {"model": "mock*", "upstreams": ["mock-b", "mock-a"], "name": "rest"},
+    ]
+    proxy = await start_proxy(upstreams, routes=routes)
+    config = proxy.service.config
+    names = {
+        "project": {p.name for p in config.projects} | {"none"},
+        "route": {r.name for r in config.routes} | {"none"},
+        "upstream": {u.name for u in config.upstreams} | {"none"},
+    }
+    rng = random.Random(1234)
+    async with aiohttp.ClientSession() as client:
+        for _ in range(150):
+            key = proxy.key if rng.random() < 0.7 else secrets.token_urlsafe(16)
+            model = rng.choice(["mock-n2", "mock-n3-e503", "mock", "gpt-" + secrets.token_hex(4)])
+            path = rng.choice([*PATHS, "/v1/" + secrets.token_hex(3), "/" + secrets.token_hex(2)])
+            stream = rng.random() < 0.5
+            body = orjson.dumps(
+                {"model": model, "stream": stream, "messages": [{"role": "user", "content": "x"}]}
+            )
+            method = "GET" if path == "/v1/models" and rng.random() < 0.8 else "POST"
+            async with client.request(
+                method,
+                proxy.url + path + ("?q=" + secrets.token_hex(4) if rng.random() < 0.3 else ""),
+                data=body,
+                headers={"Authorization": f"Bearer {key}", "User-Agent": secrets.token_hex(5)},
+            ) as resp:
+                await resp.read()
+        async with client.get(proxy.admin_url + "/metrics") as resp:
+            text = await resp.text()
+
+    series: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("zrproxy_"):
+            continue
+        for sample in family.samples:
+            series[family.name] = series.get(family.name, 0) + 1
+            for label, value in sample.labels.items():
+                if label in names:
+                    assert value in names[label], (family.name, label, value)
+                else:
+                    allowed = FIXED_ENUMS[label]
+                    assert allowed is None or value in allowed, (family.name, label, value)
+    assert series["zrproxy_requests"] > 3  # traffic of several kinds was counted
+
+    # The bound computed from the config, per metric (series of all its samples).
+    projects, routes_n, ups = (len(names[k]) for k in ("project", "route", "upstream"))
+    buckets_ttfb, buckets_duration = 14, 15  # buckets + +Inf
+    bound = {
+        "zrproxy_requests": projects * routes_n * ups * len(STATUS_CLASSES) * 2,
+        "zrproxy_request_duration_seconds": routes_n * (buckets_duration + 2),
+        "zrproxy_time_to_first_byte_seconds": routes_n * (buckets_ttfb + 2),
+        "zrproxy_request_bytes": projects * routes_n,
+        "zrproxy_response_bytes": projects * routes_n,
+        "zrproxy_stream_chunks": routes_n,
+        "zrproxy_tokens": projects * routes_n * 2,
+        "zrproxy_upstream_errors": ups * len(FIXED_ENUMS["kind"]),  # type: ignore[arg-type]
+        "zrproxy_failovers": routes_n,
+        "zrproxy_client_aborts": routes_n,
+        "zrproxy_rejections": len(FIXED_ENUMS["reason"]),  # type: ignore[arg-type]
+        "zrproxy_in_flight_requests": 1,
+        "zrproxy_open_streams": 1,
+    }
+    assert set(series) <= set(bound), set(series) - set(bound)
+    for name, count in series.items():
+        assert count <= bound[name], (name, count, bound[name])
+
+
+async def test_tokens_are_counted_for_streams_and_plain_responses(
+    mock: Mock, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy([{"name": "mock", "kind": "openai", "base_url": mock.url}])
+    async with aiohttp.ClientSession() as client:
+        for stream in (True, False):
+            body = orjson.dumps(
+                {
+                    "model": "mock-n5",
+                    "stream": stream,
+                    "messages": [{"role": "user", "content": "hello"}],
+                }
+            )
+            async with client.post(
+                proxy.url + "/v1/chat/completions", data=body, headers=proxy.auth()
+            ) as resp:
+                payload = await resp.read()
+                assert resp.status == 200
+            # The client did not ask for usage in the stream: it gets no usage chunk.
+            if stream:
+                assert b'"usage":{' not in payload
+        async with client.get(proxy.admin_url + "/metrics") as resp:
+            text = await resp.text()
+    tokens = {
+        s.labels["type"]: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "zrproxy_tokens"
+        for s in f.samples
+    }
+    # mock-n5 completes with 5 content chunks per response: counted for both responses.
+    assert tokens["completion"] >= 2 * 5
+    assert tokens["prompt"] > 0
