@@ -237,7 +237,12 @@ def test_deployment_security_context() -> None:
         assert level["runAsUser"] == 10001
         assert level["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
-    assert "lifecycle" not in container, "no preStop: the proxy drains on SIGTERM itself"
+    # preStop only waits for endpoint removal to propagate (the sleep action: no shell);
+    # the drain itself is the proxy's, so the grace period must cover both.
+    pre_stop = container["lifecycle"]["preStop"]
+    assert set(pre_stop) == {"sleep"}
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace > pre_stop["sleep"]["seconds"] + 30
     for name in ("requests", "limits"):
         assert {"cpu", "memory"} <= container["resources"][name].keys()
 
