@@ -25,11 +25,14 @@ EXPECTED = {
     "stream": 200,
     "stream_usage": 200,
     "plain": 200,
+    "query": 200,
     "messages_stream": 200,
     "responses": 200,
     "embeddings": 200,
     "failover": 200,
     "timeout": 504,
+    "upstream_reset": 200,  # the error arrives in-band, after the status line
+    "upstream_reset_plain": -1,  # a cut connection: no truncated body passes as whole
     "client_disconnect": 200,
     "no_route": 404,
     "bad_json": 400,

@@ -14,6 +14,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from zrproxy.auth import Authenticator
+from zrproxy.caches import forget_request_urls
 from zrproxy.config import Config
 from zrproxy.dialects import (
     ENDPOINTS,
@@ -44,6 +45,8 @@ from zrproxy.upstream import Upstreams
 from zrproxy.usage import UsageTap
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Request targets that are our own fixed strings; any other target may carry content.
+_PLAIN_TARGETS = frozenset([*ENDPOINTS, MODELS_PATH])
 
 
 @dataclass(slots=True)
@@ -117,6 +120,8 @@ class Proxy:
             self._state.handlers.discard(task)
             self._metrics.in_flight.dec()
             self._record(ex, loop.time())
+            if request.raw_path not in _PLAIN_TARGETS:
+                forget_request_urls()  # a query string or unknown path is content
 
     # --- the proxied endpoints ------------------------------------------------------------
 
