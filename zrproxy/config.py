@@ -94,6 +94,12 @@ def process_environment() -> Mapping[str, str]:
     return os.environ
 
 
+def export_metrics_dir(path: str) -> None:
+    """Tell prometheus-client in processes started from now on where multiprocess
+    metrics live (it reads PROMETHEUS_MULTIPROC_DIR before creating its first metric)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a TOML config file."""
     try:

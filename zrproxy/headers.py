@@ -41,7 +41,12 @@ _CLIENT_CREDENTIALS = frozenset(
         "x-real-ip",
     }
 )
-DROP_FROM_REQUEST = HOP_BY_HOP | _FRAMING | _CLIENT_CREDENTIALS
+# The usage tap reads response bytes as they pass, so they must arrive uncompressed
+# (SDKs send Accept-Encoding: gzip; a gzipped body would count zero tokens): upstreams
+# are asked for identity instead. aiohttp's server has already decompressed a request
+# body sent with Content-Encoding, so that header no longer describes what we forward.
+_ENCODING = frozenset({"accept-encoding", "content-encoding"})
+DROP_FROM_REQUEST = HOP_BY_HOP | _FRAMING | _CLIENT_CREDENTIALS | _ENCODING
 
 # The upstream's cookies and its own request id do not reach the client: the client gets
 # ours (the upstream's is renamed so support tickets can still quote it).
@@ -64,13 +69,22 @@ def request_id(incoming: str | None) -> str:
     return secrets.token_hex(16)
 
 
+def _connection_named(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> frozenset[str]:
+    """`drop` plus the headers this message's Connection lists (hop-by-hop, RFC 9110 7.6.1)."""
+    listed = headers.getall("Connection", ())
+    if not listed:
+        return drop
+    return drop | {token.strip().lower() for value in listed for token in value.split(",")}
+
+
 def upstream_request_headers(
     incoming: CIMultiDictProxy[str], injected: dict[str, str]
 ) -> CIMultiDict[str]:
     """Client headers minus hop-by-hop and credentials, plus the upstream's own headers."""
     out: CIMultiDict[str] = CIMultiDict()
+    drop = _connection_named(incoming, DROP_FROM_REQUEST)
     for name, value in incoming.items():
-        if name.lower() not in DROP_FROM_REQUEST:
+        if name.lower() not in drop:
             out.add(name, value)
     for name, value in injected.items():
         out[name] = value
@@ -80,11 +94,12 @@ def upstream_request_headers(
 def client_response_headers(upstream: CIMultiDictProxy[str], rid: str) -> CIMultiDict[str]:
     """Upstream response headers minus hop-by-hop and cookies, plus our request id."""
     out: CIMultiDict[str] = CIMultiDict()
+    drop = _connection_named(upstream, DROP_FROM_RESPONSE)
     for name, value in upstream.items():
         lower = name.lower()
         if lower == "x-request-id":
             out.add(UPSTREAM_REQUEST_ID, value)
-        elif lower not in DROP_FROM_RESPONSE:
+        elif lower not in drop:
             out.add(name, value)
     out[REQUEST_ID] = rid
     return out

@@ -145,13 +145,19 @@ class Proxy:
         ask_usage = endpoint.usage_on_request and parsed.stream and not parsed.client_wants_usage
         bodies = UpstreamBodies(body, parsed, plan.route.upstream_model, ask_usage)
         del body, parsed
+        opened = None
         try:
             async with asyncio.timeout_at(ex.started + self._total_timeout):
-                upstream, response = await self._upstreams.open(
+                opened = await self._upstreams.open(
                     plan.upstreams, endpoint.path, request.headers, ex.rid, bodies, self._failed
                 )
+        except TimeoutError:
+            pass  # the total deadline passed before any upstream answered: raised below
         finally:
             bodies.clear()  # the prompt is upstream now; don't hold it while streaming
+        if opened is None:
+            raise UpstreamTimeout()
+        upstream, response = opened
         ex.upstream = upstream.name
         if len(plan.upstreams) > 1 and upstream is not plan.upstreams[0]:
             self._metrics.child(self._metrics.failovers, ex.route).inc()

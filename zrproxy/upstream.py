@@ -58,7 +58,11 @@ class Upstreams:
                 trust_env=False,
                 skip_auto_headers=("Accept-Encoding",),
             )
-            injected = auth_headers(upstream.kind, upstream.api_key)
+            # Uncompressed from the upstream, so usage can be read as the bytes pass.
+            injected = {
+                **auth_headers(upstream.kind, upstream.api_key),
+                "Accept-Encoding": "identity",
+            }
             # Precomputed: a URL built per request would sit in yarl's caches.
             urls = {path: URL(upstream.base_url + path[3:]) for path in ENDPOINTS}
             self._by_name[upstream.name] = _Upstream(upstream, session, injected, urls)

@@ -35,12 +35,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prometheus_multiprocess
 
 from zrproxy.app import Service, admin_app, run_loop, stop_requested
-from zrproxy.config import Address, Config
+from zrproxy.config import Address, Config, export_metrics_dir
 from zrproxy.errors import StartupError
 from zrproxy.proxy import ServiceState
 
 log = logging.getLogger("zrproxy")
-_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _SHM = "/dev/shm"
 _SUPERVISE_EVERY_S = 0.2
 _RESTART_BACKOFF_S = 1.0
@@ -88,7 +87,7 @@ class Supervisor:
     async def start(self) -> None:
         self._metrics_dir = tempfile.mkdtemp(prefix="zrproxy-metrics-", dir=_SHM)
         # Read by prometheus-client in each spawned worker, before its first metric.
-        os.environ[_MULTIPROC_ENV] = self._metrics_dir
+        export_metrics_dir(self._metrics_dir)
         listen = self.config.server.listen
         self._placeholder = _reserve_port(listen)
         self.api_address = Address(listen.host, self._placeholder.getsockname()[1])
