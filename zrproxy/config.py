@@ -202,8 +202,10 @@ def parse_address(path: str, value: object) -> Address:
 
 def _base_url(path: str, value: object) -> str:
     text = _str(path, value).rstrip("/")
-    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", text):
-        raise ConfigError(path, "must be an http:// or https:// URL without query or fragment")
+    if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", text):
+        raise ConfigError(
+            path, "must be an http:// or https:// URL without credentials, query or fragment"
+        )
     return text
 
 
@@ -297,6 +299,7 @@ def _overrides(path: str, value: object) -> dict[str, Any]:
     for key in value:
         if key in _PROTECTED_BODY_KEYS:
             raise ConfigError(f"{path}.{key}", "may not be overridden (use upstream_model)")
+    # A plain dict, not a MappingProxyType: the config is pickled to worker processes.
     return dict(value)
 
 

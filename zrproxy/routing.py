@@ -52,11 +52,19 @@ class Router:
         raise NotFound()
 
     def visible_models(self, project: ProjectConfig) -> list[str]:
-        """Route model names (globs as written) this project may use, for GET /v1/models."""
+        """Models this project may use, for GET /v1/models: route model names (globs as
+        written) inside the project's allowlist, and the allowlist's plain model names
+        that some route serves."""
         allowed = self._allowed.get(project.name)
-        return [
+        visible = [
             route.model
             for _, route in self._routes
             if (allowed is None or allowed(route.model))
             and self._plans[project.name, route.name].upstreams
         ]
+        for model in project.models or ():
+            if not any(c in model for c in "*?[") and model not in visible:
+                route = next((r for matches, r in self._routes if matches(model)), None)
+                if route is not None and self._plans[project.name, route.name].upstreams:
+                    visible.append(model)
+        return visible
