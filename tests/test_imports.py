@@ -36,7 +36,7 @@ ALLOWED: dict[str, set[str]] = {
     "auth": {"config", "errors"},
     "routing": {"config", "errors"},
     "upstream": {"config", "errors", "headers", "dialects"},
-    "streaming": {"usage"},
+    "streaming": {"usage", "errors"},
     "proxy": _BELOW_PROXY,
     "app": {"proxy", "upstream", "metrics", "config", "errors"},
     "workers": {"app", "proxy", "config", "metrics", "errors"},

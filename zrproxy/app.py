@@ -35,6 +35,7 @@ _INTERNAL = (
     b'{"error":{"message":"Internal proxy error.","type":"api_error",'
     b'"param":null,"code":"internal_error"}}'
 )
+_LINGER_S = 1.0
 # After the drain deadline, how long cancelled streams get to write their error event.
 _CANCEL_GRACE_S = 2.0
 
@@ -63,6 +64,10 @@ class _ContentFreeRequestHandler(RequestHandler):
             raise ConnectionError("response already started")
         if status >= 500:
             log.error("request handling failed (%s)", type(exc).__name__)
+        else:
+            manager = self._manager
+            if isinstance(manager, _ApiServer):
+                manager.on_bad_request()
         body = _INTERNAL if status >= 500 else _BAD_HTTP
         response = web.Response(status=status, body=body, content_type="application/json")
         response.force_close()
@@ -77,6 +82,10 @@ class _ContentFreeRequestHandler(RequestHandler):
 
 
 class _ApiServer(web.Server):
+    def __init__(self, *args: Any, on_bad_request: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_bad_request = on_bad_request
+
     def __call__(self) -> RequestHandler:
         return _ContentFreeRequestHandler(self, loop=self._loop, **self._kwargs)
 
@@ -113,9 +122,14 @@ class Service:
         proxy = Proxy(self.config, self._upstreams, self.metrics, self.state)
         self._api_server = _ApiServer(
             proxy.handle,
+            on_bad_request=self.metrics.child(self.metrics.rejections, "malformed").inc,
             handler_cancellation=True,  # a client that leaves cancels its upstream request
             access_log=None,
             keepalive_timeout=server.keepalive_timeout_s,
+            # After an error answered before the body was read, aiohttp reads and drops
+            # the rest for this long (so closing doesn't reset the connection under our
+            # answer). Its default of 10 s holds a refused client far too long.
+            lingering_time=_LINGER_S,
         )
         self._api_runner = web.ServerRunner(self._api_server, handle_signals=False)
         await self._api_runner.setup()

@@ -14,6 +14,7 @@ and the only variable parts are names taken from the config (key paths, upstream
         ├── ModelNotAllowed      403
         ├── NotFound             404
         ├── MethodNotAllowed     405
+        ├── BodyTimeout          408
         ├── BodyTooLarge         413
         ├── UpstreamUnavailable  502
         ├── ServiceDraining      503
@@ -23,6 +24,7 @@ and the only variable parts are names taken from the config (key paths, upstream
 
 from __future__ import annotations
 
+import traceback
 from typing import ClassVar, Literal
 
 ErrorType = Literal[
@@ -127,6 +129,14 @@ class MethodNotAllowed(ProxyError):
     reject_reason = "method"
 
 
+class BodyTimeout(ProxyError):
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+    message = "The request body did not arrive in time."
+    reject_reason = "malformed"
+
+
 class BodyTooLarge(ProxyError):
     status = 413
     error_type = "request_too_large"
@@ -170,3 +180,27 @@ class UpstreamTimeout(ProxyError):
     error_type = "timeout_error"
     code = "upstream_timeout"
     message = "The upstream did not answer in time."
+
+
+def forget(exc: BaseException) -> None:
+    """Release what a caught foreign exception keeps alive, now rather than at the next
+    garbage collection.
+
+    A traceback holds every frame it passed through, and those frames hold their locals:
+    for an aiohttp client error, the request and its body. aiohttp and asyncio build
+    reference cycles through those frames (a frame's list of errors, each error's
+    traceback back to the frame), which refcounting alone never frees. Clearing the
+    frames' locals and the tracebacks along the whole chain breaks them.
+    """
+    pending: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while pending:
+        error = pending.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # frames still running are skipped
+        error.__traceback__ = None
+        for linked in (error.__context__, error.__cause__, getattr(error, "os_error", None)):
+            if isinstance(linked, BaseException):
+                pending.append(linked)

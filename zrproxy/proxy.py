@@ -28,6 +28,7 @@ from zrproxy.dialects import (
     sse_error_event,
 )
 from zrproxy.errors import (
+    BodyTimeout,
     BodyTooLarge,
     InvalidRequest,
     MethodNotAllowed,
@@ -88,6 +89,7 @@ class Proxy:
     ) -> None:
         self._max_body = config.server.max_body_bytes
         self._total_timeout = config.server.total_timeout_s
+        self._idle_timeout = config.server.idle_timeout_s
         self._auth = Authenticator(config.projects)
         self._router = Router(config)
         self._upstreams = upstreams
@@ -97,7 +99,13 @@ class Proxy:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         endpoint = ENDPOINTS.get(request.path)
-        dialect: Dialect = endpoint.dialect if endpoint is not None else "openai"
+        dialect: Dialect = (
+            endpoint.dialect
+            if endpoint is not None
+            else "anthropic"
+            if request.path.startswith("/v1/messages/")
+            else "openai"
+        )
         ex = _Exchange(loop.time(), request_id(request.headers.get(REQUEST_ID)), dialect)
         task: asyncio.Task[object] = asyncio.current_task()  # type: ignore[assignment]
         self._state.handlers.add(task)
@@ -221,23 +229,32 @@ class Proxy:
         parts: list[bytes] = []
         size = 0
         content = request.content
-        failed = False
-        while True:
-            try:
-                chunk = await content.readany()
-            except HttpProcessingError:
-                failed = True  # bad chunked framing etc.; the error text may quote input
-                break
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > self._max_body:
-                break
-            parts.append(chunk)
+        failure: ProxyError | None = None
+        loop = asyncio.get_running_loop()
+        # A client that stops sending mid-body (or whose chunked framing broke: aiohttp
+        # then never ends the body stream) must not hold a handler forever.
+        try:
+            async with asyncio.timeout(self._idle_timeout) as deadline:
+                while True:
+                    try:
+                        chunk = await content.readany()
+                    except HttpProcessingError:
+                        failure = InvalidRequest()  # its text may quote the input: dropped here
+                        break
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > self._max_body:
+                        failure = BodyTooLarge()
+                        break
+                    parts.append(chunk)
+                    deadline.reschedule(loop.time() + self._idle_timeout)
+        except TimeoutError:
+            failure = BodyTimeout()
         chunk = b""
-        if failed or size > self._max_body:
+        if failure is not None:
             parts.clear()
-            raise InvalidRequest() if failed else BodyTooLarge()
+            raise failure
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _models(self, request: web.BaseRequest, ex: _Exchange) -> web.StreamResponse:
@@ -271,7 +288,7 @@ class Proxy:
                 content_type="application/json",
                 headers={REQUEST_ID: ex.rid},
             )
-            if error.status == 413 or error.reject_reason == "draining":
+            if error.status in (408, 413) or error.reject_reason == "draining":
                 response.force_close()  # don't read the rest of a body we refused
             return response
         # The status line is gone: say it in-band if we can, else cut the connection so

@@ -23,6 +23,7 @@ import aiohttp
 from aiohttp import StreamReader
 from aiohttp.web import StreamResponse
 
+from zrproxy.errors import forget
 from zrproxy.usage import UsageTap
 
 Outcome = Literal["completed", "upstream_error", "upstream_timeout", "client_gone"]
@@ -47,9 +48,11 @@ async def relay(source: StreamReader, sink: StreamResponse, tap: UsageTap | None
         while True:
             try:
                 data = await read()
-            except TimeoutError:
+            except TimeoutError as exc:
+                forget(exc)
                 return RelayResult("upstream_timeout", sent, chunks, first_byte_at)
-            except (aiohttp.ClientError, OSError):
+            except (aiohttp.ClientError, OSError) as exc:
+                forget(exc)
                 return RelayResult("upstream_error", sent, chunks, first_byte_at)
             if not data:
                 data = tap.flush() if tap is not None else b""
@@ -68,7 +71,8 @@ async def relay(source: StreamReader, sink: StreamResponse, tap: UsageTap | None
                 first_byte_at = asyncio.get_running_loop().time()
             try:
                 await write(data)
-            except (ConnectionError, aiohttp.ClientError):
+            except (ConnectionError, aiohttp.ClientError) as exc:
+                forget(exc)
                 return RelayResult("client_gone", sent, chunks, first_byte_at)
             sent += len(data)
             chunks += 1

@@ -16,7 +16,7 @@ from yarl import URL
 
 from zrproxy.config import Config, UpstreamConfig
 from zrproxy.dialects import ANTHROPIC_VERSION, ENDPOINTS, UpstreamBodies, auth_headers
-from zrproxy.errors import UpstreamTimeout, UpstreamUnavailable
+from zrproxy.errors import UpstreamTimeout, UpstreamUnavailable, forget
 from zrproxy.headers import upstream_request_headers
 
 # How much of an upstream response aiohttp buffers before it stops reading the socket
@@ -102,9 +102,11 @@ class Upstreams:
                     data=bodies.for_upstream(config.kind, config.request_overrides),
                     headers=headers,
                 )
-            except TimeoutError:
+            except TimeoutError as exc:
+                forget(exc)
                 last_kind = "timeout"
-            except (aiohttp.ClientError, OSError):
+            except (aiohttp.ClientError, OSError) as exc:
+                forget(exc)
                 last_kind = "connect"
             if response is None:
                 on_failure(config.name, last_kind, not is_last)
