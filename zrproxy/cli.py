@@ -99,8 +99,8 @@ def _keygen(project: str) -> int:
     return 0
 
 
-def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
-    server = config.server
+def _server_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """`[server]` settings given on the command line, validated like the file's."""
     changes: dict[str, Any] = {}
     if args.listen:
         changes["listen"] = parse_address("--listen", args.listen)
@@ -112,12 +112,18 @@ def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
         changes["workers"] = args.workers
     if args.scrub_memory:
         changes["scrub_memory"] = True
-    return dataclasses.replace(config, server=dataclasses.replace(server, **changes))
+    return changes
+
+
+def _with(config: Config, changes: dict[str, Any]) -> Config:
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, **changes))
 
 
 def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     environ = process_environment()
-    config = load_config(args.config) if args.config else None
+    # Every mistake is reported before the process changes anything about itself.
+    changes = _server_overrides(args)
+    config = _with(load_config(args.config), changes) if args.config else None
     scrub = args.scrub_memory or (config is not None and config.server.scrub_memory)
     if scrub and not hardening.is_scrubbed(environ):
         log.info("scrub mode: restarting with a wiping allocator")
@@ -125,9 +131,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     harden = functools.partial(_harden, config is not None and config.server.mlock)
     harden()
     if config is not None:
-        config = _apply_overrides(config, args)
         return run_loop(lambda: _serve_config(config, harden), scrub)
-    return run_loop(lambda: _serve_embedded(args, scrub, harden), scrub)
+    return run_loop(lambda: _serve_embedded(changes, harden), scrub)
 
 
 def _harden(mlock: bool) -> None:
@@ -166,14 +171,10 @@ async def _serve_config(
     return 0
 
 
-async def _serve_embedded(args: argparse.Namespace, scrub: bool, harden: Callable[[], None]) -> int:
+async def _serve_embedded(changes: dict[str, Any], harden: Callable[[], None]) -> int:
     mock_runner, mock_url = await mock_upstream.start_mock("127.0.0.1", 0)
     key, digest = new_key()
-    config = _apply_overrides(embedded_default(mock_url, bytes.fromhex(digest)), args)
-    if scrub:
-        config = dataclasses.replace(
-            config, server=dataclasses.replace(config.server, scrub_memory=True)
-        )
+    config = _with(embedded_default(mock_url, bytes.fromhex(digest)), changes)
 
     def banner(api: str) -> None:
         sys.stdout.write(
