@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -114,15 +114,19 @@ def proxy_process(
     wrapper: list[str] | None = None,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+    config_dir: Path | None = None,
 ) -> Iterator[Proc]:
     """`zrproxy serve --config` as a subprocess; yields once it logged its ready line."""
-    path = tmp_path / f"zrproxy-{len(list(tmp_path.iterdir()))}.toml"
+    directory = config_dir or tmp_path
+    path = directory / f"zrproxy-{len(list(directory.iterdir()))}.toml"
     path.write_text(to_toml(config))
     process = subprocess.Popen(
         [*(wrapper or []), sys.executable, "-m", "zrproxy", "serve", "--config", str(path), *args],
         stderr=subprocess.PIPE,
         env={**os.environ, **(env or {})},
         cwd=cwd,
+        preexec_fn=preexec_fn,
     )
     try:
         assert process.stderr is not None

@@ -415,3 +415,80 @@ def test_scrubbed_child_keeps_no_freed_copy(mode: str) -> None:
 )
 def test_each_scrub_setting_is_needed(variant: str, mode: str) -> None:
     assert _copies_left(_variant(variant), mode) >= 1
+
+
+# --- the running proxy ------------------------------------------------------------------
+
+_CAP_SYS_PTRACE = 19
+
+
+def _drop_capability(cap: int) -> None:
+    """In a forked child before exec: lose `cap` from the bounding and own sets."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    keep = ~(1 << cap) & 0xFFFFFFFF
+    data[0].effective &= keep
+    data[0].permitted &= keep
+    data[0].inheritable &= keep
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def _without_ptrace() -> None:
+    _drop_capability(_CAP_SYS_PTRACE)
+
+
+def _peer_can_read_memory(pid: int) -> bool:
+    """Whether a process of the same user and capabilities, minus CAP_SYS_PTRACE, may read
+    `pid`'s memory (the kernel allows it exactly when `pid` is dumpable)."""
+    result = subprocess.run(
+        [sys.executable, "-c", f"open('/proc/{pid}/mem', 'rb').close()"],
+        preexec_fn=lambda: _drop_capability(_CAP_SYS_PTRACE),
+        capture_output=True,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+async def test_running_proxy_is_non_dumpable_and_leaves_no_core(tmp_path: Path) -> None:
+    from tests.processes import proxy_process
+    from zrproxy.auth import new_key
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop CAP_SYS_PTRACE from a peer process")
+    # Control: an ordinary process is readable by such a peer, so a refusal means something.
+    sleeper = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)"], preexec_fn=_without_ptrace
+    )
+    try:
+        assert _peer_can_read_memory(sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    _, digest = new_key()
+    config = {
+        "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"},
+        "upstreams": [{"name": "u", "kind": "openai", "base_url": "http://127.0.0.1:9/v1"}],
+        "routes": [{"model": "*", "upstreams": ["u"]}],
+        "projects": [{"name": "p", "key_sha256": [digest]}],
+    }
+    crash_dir = tmp_path / "cwd"
+    crash_dir.mkdir()
+
+    def core_allowed_no_ptrace() -> None:
+        _raise_core_limit()
+        _without_ptrace()
+
+    with proxy_process(config, tmp_path, preexec_fn=core_allowed_no_ptrace, cwd=crash_dir) as proxy:
+        limits = Path(f"/proc/{proxy.pid}/limits").read_text()
+        core_line = next(line for line in limits.splitlines() if "core file" in line)
+        assert core_line.split()[4:6] == ["0", "0"], core_line
+        assert not _peer_can_read_memory(proxy.pid)  # non-dumpable
+        os.kill(proxy.pid, signal.SIGSEGV)
+        assert proxy.process.wait(10) == -signal.SIGSEGV
+    assert list(crash_dir.iterdir()) == []
