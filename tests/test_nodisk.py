@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 TRACED = (
     "open,openat,openat2,creat,rename,renameat,renameat2,unlink,unlinkat,mkdir,mkdirat,"
     "link,linkat,symlink,symlinkat,truncate,ftruncate,memfd_create,"
-    "write,writev,pwrite64,pwritev,pwritev2,sendfile"
+    "write,writev,pwrite64,pwritev,pwritev2,sendfile,sendto,sendmsg"
 )
 _WRITE = re.compile(r"^\d+\s+(write|writev|pwrite64|pwritev2?|sendfile)\((\d+)<([^>]*)>")
 _OPEN = re.compile(r"^\d+\s+(open|openat|openat2)\(.*\"([^\"]*)\", ([A-Z_|]+)")
@@ -100,7 +100,7 @@ async def test_no_disk_writes_after_ready(tmp_path: Path, mode: str) -> None:
             assert statuses["stream"] == 200, statuses
     trace = trace_file.read_text(errors="replace")
     after_ready = trace.split("zrproxy ready", 1)[1]
-    assert after_ready.count("<socket:") > 50  # the trace saw the traffic
+    assert after_ready.count("<socket:") > 20  # the trace saw the traffic
     assert violations(trace) == []
     # Nothing new appeared in the proxy's working directory either.
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("zrproxy-")) == [
