@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -134,3 +135,60 @@ def proxy_process(
         yield Proc(process, match.group(1).decode(), match.group(2).decode())
     finally:
         stop(process)
+
+
+class LoggedProcess:
+    """A child process whose output a thread collects, so its pipe never fills up."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def output(self) -> str:
+        with self._cond:
+            return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout_s: float = 30) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if match := re.search(pattern, line):
+                        return match
+                left = deadline - time.monotonic()
+                if self.proc.poll() is not None or left <= 0:
+                    state = f"exited {self.proc.returncode}" if left > 0 else "timed out"
+                    raise AssertionError(f"{pattern!r} not seen ({state}):\n{''.join(self.lines)}")
+                self._cond.wait(min(left, 0.2))
+
+    def stop(self, timeout_s: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._thread.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode

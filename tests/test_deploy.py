@@ -16,11 +16,9 @@ import platform
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import threading
-import time
 import tomllib
 import urllib.request
 import zipfile
@@ -34,6 +32,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
 
+from tests.processes import LoggedProcess
 from zrproxy.config import ServerConfig, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -894,63 +893,6 @@ def test_mdwe_filter_refuses_write_execute_memory() -> None:
     assert "W+X mapping refused" in out.stderr
 
 
-class Proc:
-    """A child process whose output a thread collects, so its pipe never fills up."""
-
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def output(self) -> str:
-        with self._cond:
-            return "".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout_s: float = 30) -> re.Match[str]:
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if match := re.search(pattern, line):
-                        return match
-                left = deadline - time.monotonic()
-                if self.proc.poll() is not None or left <= 0:
-                    state = f"exited {self.proc.returncode}" if left > 0 else "timed out"
-                    raise AssertionError(f"{pattern!r} not seen ({state}):\n{''.join(self.lines)}")
-                self._cond.wait(min(left, 0.2))
-
-    def stop(self, timeout_s: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._thread.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return self.proc.returncode
-
-
 def cli_available() -> bool:
     return importlib.util.find_spec("zrproxy.cli") is not None
 
@@ -964,8 +906,10 @@ def test_proxy_serves_under_memory_deny_write_execute(tmp_path: Path, flags: lis
         pytest.skip("zrproxy.cli not available yet")
     env = {**os.environ, "no_proxy": "*", "NO_PROXY": "*"}
     key = "zrp-" + secrets.token_urlsafe(24)
-    mock = Proc([sys.executable, "-m", "zrproxy", "mock-upstream", "--listen", "127.0.0.1:0"])
-    proxy: Proc | None = None
+    mock = LoggedProcess(
+        [sys.executable, "-m", "zrproxy", "mock-upstream", "--listen", "127.0.0.1:0"]
+    )
+    proxy: LoggedProcess | None = None
     try:
         base = mock.wait_for(r"mock upstream listening on (http://\S+)").group(1)
         config = tmp_path / "config.toml"
@@ -977,7 +921,7 @@ def test_proxy_serves_under_memory_deny_write_execute(tmp_path: Path, flags: lis
             f'[[projects]]\nname = "mdwe"\nkey_sha256 = ["{sha256(key.encode()).hexdigest()}"]\n'
         )
         argv = [sys.executable, "-m", "zrproxy", "serve", "--config", str(config), *flags]
-        proxy = Proc([sys.executable, "-c", MDWE_WRAPPER, *argv], env=env)
+        proxy = LoggedProcess([sys.executable, "-c", MDWE_WRAPPER, *argv], env=env)
         proxy.wait_for("W\\+X mapping refused")
         api = proxy.wait_for(r"zrproxy ready: api=(http://\S+) admin=(http://\S+)").group(1)
         body = json.dumps(

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from tests.conftest import Mock, StartProxy
+from tests.conftest import Mock, StartProxy, config_data
 from tests.processes import mock_process, proxy_process
 from zrproxy.auth import new_key
 
@@ -73,16 +73,9 @@ async def test_drain_finishes_short_streams_and_ends_long_ones(
 async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     key, digest = new_key()
     with mock_process() as mock:
-        config = {
-            "server": {
-                "listen": "127.0.0.1:0",
-                "admin_listen": "127.0.0.1:0",
-                "drain_timeout_s": 1,
-            },
-            "upstreams": [{"name": "mock", "kind": "openai", "base_url": mock.url}],
-            "routes": [{"model": "*", "upstreams": ["mock"]}],
-            "projects": [{"name": "acme", "key_sha256": [digest]}],
-        }
+        config = config_data(
+            [{"name": "mock", "kind": "openai", "base_url": mock.url}], digest, drain_timeout_s=1
+        )
         with proxy_process(config, tmp_path) as proxy:
             headers = {"Authorization": f"Bearer {key}"}
             async with aiohttp.ClientSession() as client:

@@ -204,26 +204,30 @@ class _CapData(ctypes.Structure):
 _MEMLOCK_LIMIT = 64 * 1024
 
 
-def _refuse_mlock() -> None:
-    """Runs in the forked child before exec: a small RLIMIT_MEMLOCK and no CAP_IPC_LOCK."""
-    resource.setrlimit(resource.RLIMIT_MEMLOCK, (_MEMLOCK_LIMIT, _MEMLOCK_LIMIT))
-    if os.geteuid() != 0:
-        return  # an ordinary user has no CAP_IPC_LOCK to drop
+def _drop_capability(cap: int) -> None:
+    """In a forked child before exec: lose `cap` from the bounding and own sets."""
     libc = ctypes.CDLL(None, use_errno=True)
-    # exec as root grants the whole bounding set again, so drop it there first...
-    if libc.prctl(_PR_CAPBSET_DROP, _CAP_IPC_LOCK, 0, 0, 0) != 0:
+    if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
-    # ...and from this process's own sets.
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     if libc.capget(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capget")
-    keep = ~(1 << _CAP_IPC_LOCK) & 0xFFFFFFFF
+    keep = ~(1 << cap) & 0xFFFFFFFF
     data[0].effective &= keep
     data[0].permitted &= keep
     data[0].inheritable &= keep
     if libc.capset(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
+
+
+def _refuse_mlock() -> None:
+    """Runs in the forked child before exec: a small RLIMIT_MEMLOCK and no CAP_IPC_LOCK."""
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (_MEMLOCK_LIMIT, _MEMLOCK_LIMIT))
+    if os.geteuid() != 0:
+        return  # an ordinary user has no CAP_IPC_LOCK to drop
+    # exec as root grants the whole bounding set again, so drop it there too.
+    _drop_capability(_CAP_IPC_LOCK)
 
 
 def test_lock_memory_refusal_names_the_knobs() -> None:
@@ -420,23 +424,6 @@ def test_each_scrub_setting_is_needed(variant: str, mode: str) -> None:
 # --- the running proxy ------------------------------------------------------------------
 
 _CAP_SYS_PTRACE = 19
-
-
-def _drop_capability(cap: int) -> None:
-    """In a forked child before exec: lose `cap` from the bounding and own sets."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    if libc.capget(ctypes.byref(header), data) != 0:
-        raise OSError(ctypes.get_errno(), "capget")
-    keep = ~(1 << cap) & 0xFFFFFFFF
-    data[0].effective &= keep
-    data[0].permitted &= keep
-    data[0].inheritable &= keep
-    if libc.capset(ctypes.byref(header), data) != 0:
-        raise OSError(ctypes.get_errno(), "capset")
 
 
 def _without_ptrace() -> None:

@@ -11,15 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -31,6 +27,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.processes import LoggedProcess
 
 if importlib.util.find_spec("zrproxy.cli") is None:
     pytest.skip("zrproxy.cli not available yet", allow_module_level=True)
@@ -44,63 +42,6 @@ POLL_LIMIT_S = 30.0
 # Loopback only: never let an http_proxy in the environment see this traffic.
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 CHILD_ENV = {**os.environ, "no_proxy": "*", "NO_PROXY": "*"}
-
-
-class Proc:
-    """A child process whose output a thread collects, so its pipe never fills up."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=CHILD_ENV,
-        )
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def output(self) -> str:
-        with self._cond:
-            return "".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout_s: float = 30) -> re.Match[str]:
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if match := re.search(pattern, line):
-                        return match
-                left = deadline - time.monotonic()
-                if self.proc.poll() is not None or left <= 0:
-                    state = f"exited {self.proc.returncode}" if left > 0 else "timed out"
-                    raise AssertionError(f"{pattern!r} not seen ({state}):\n{''.join(self.lines)}")
-                self._cond.wait(min(left, 0.2))
-
-    def stop(self, timeout_s: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._thread.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return self.proc.returncode
 
 
 def free_port() -> int:
@@ -164,7 +105,7 @@ def shm_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def start_prometheus(binary: str, workdir: Path, target: str) -> tuple[Proc, Prometheus]:
+def start_prometheus(binary: str, workdir: Path, target: str) -> tuple[LoggedProcess, Prometheus]:
     shutil.copy(ALERTS, workdir / "alerts.yaml")
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -174,14 +115,15 @@ def start_prometheus(binary: str, workdir: Path, target: str) -> tuple[Proc, Pro
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     for _ in range(3):  # a free port can be taken between probe and bind: retry
         port = free_port()
-        proc = Proc(
+        proc = LoggedProcess(
             [
                 binary,
                 f"--config.file={workdir / 'prometheus.yml'}",
                 f"--storage.tsdb.path={workdir / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{port}",
                 "--log.level=warn",
-            ]
+            ],
+            env=CHILD_ENV,
         )
         deadline = time.monotonic() + POLL_LIMIT_S
         while proc.proc.poll() is None and time.monotonic() < deadline:
@@ -235,9 +177,12 @@ def test_prometheus_scrapes_proxy_traffic(tmp_path: Path, shm_dir: Path) -> None
     key = "zrp-" + secrets.token_urlsafe(32)
     # Content that must never reach a metric: a unique marker in the prompt and the model.
     marker = "zz" + secrets.token_hex(8)
-    procs: list[Proc] = []
+    procs: list[LoggedProcess] = []
     try:
-        mock = Proc([sys.executable, "-m", "zrproxy", "mock-upstream", "--listen", "127.0.0.1:0"])
+        mock = LoggedProcess(
+            [sys.executable, "-m", "zrproxy", "mock-upstream", "--listen", "127.0.0.1:0"],
+            env=CHILD_ENV,
+        )
         procs.append(mock)
         upstream = mock.wait_for(r"mock upstream listening on (http://\S+)").group(1)
         config = tmp_path / "config.toml"
@@ -258,7 +203,9 @@ def test_prometheus_scrapes_proxy_traffic(tmp_path: Path, shm_dir: Path) -> None
             'name = "e2e"\n'
             f'key_sha256 = ["{sha256(key.encode()).hexdigest()}"]\n'
         )
-        proxy = Proc([sys.executable, "-m", "zrproxy", "serve", "--config", str(config)])
+        proxy = LoggedProcess(
+            [sys.executable, "-m", "zrproxy", "serve", "--config", str(config)], env=CHILD_ENV
+        )
         procs.append(proxy)
         ready = proxy.wait_for(r"zrproxy ready: api=(http://\S+) admin=http://(\S+)")
         api, admin = ready.group(1), ready.group(2)

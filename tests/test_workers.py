@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import config_data
 from tests.processes import mock_process, proxy_process
 from zrproxy.auth import new_key
 
@@ -78,16 +79,9 @@ def _wait_until(predicate, timeout_s: float) -> bool:  # type: ignore[no-untyped
 async def test_workers_share_a_port_sum_metrics_restart_and_drain(tmp_path: Path) -> None:
     key, digest = new_key()
     with mock_process() as mock:
-        config = {
-            "server": {
-                "listen": "127.0.0.1:0",
-                "admin_listen": "127.0.0.1:0",
-                "drain_timeout_s": 2,
-            },
-            "upstreams": [{"name": "mock", "kind": "openai", "base_url": mock.url}],
-            "routes": [{"model": "*", "upstreams": ["mock"]}],
-            "projects": [{"name": "acme", "key_sha256": [digest]}],
-        }
+        config = config_data(
+            [{"name": "mock", "kind": "openai", "base_url": mock.url}], digest, drain_timeout_s=2
+        )
         with proxy_process(config, tmp_path, "--workers", "2") as proxy:
             workers = _children(proxy.pid)
             assert len(workers) == 2, workers
