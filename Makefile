@@ -39,11 +39,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check zrproxy tests bench
 	$(VENV)/bin/mypy
 
-# The whole suite: lint, the functional pass, then the memray pass
-# (capture files on /dev/shm so even test artefacts never touch disk).
+# The whole suite: lint, the functional pass, then the memray pass (capture files on
+# /dev/shm so even test artefacts never touch disk; the system allocator so memray
+# sees every allocation and free, as its docs advise for leak checks).
+MEMRAY_DIR := /dev/shm/zrproxy-memray
 test: $(STAMP) system-deps lint
 	$(PY) -m pytest -m "not memray" -p no:memray
-	$(PY) -m pytest -m memray --memray --memray-bin-path=/dev/shm/zrproxy-memray
+	rm -rf $(MEMRAY_DIR)
+	PYTHONMALLOC=malloc $(PY) -m pytest -m memray --memray --memray-bin-path=$(MEMRAY_DIR)
+	rm -rf $(MEMRAY_DIR)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not memray and not slow" -p no:memray -x -q
