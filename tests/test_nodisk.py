@@ -4,7 +4,9 @@ during marker traffic along every path, in default and scrub mode."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import secrets
 import shutil
 from pathlib import Path
@@ -33,6 +35,11 @@ _FORBIDDEN = re.compile(
     r"|symlinkat|truncate|ftruncate|memfd_create)\("
 )
 _WRITE_FLAGS = ("O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND")
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()]
 
 
 def _allowed_write_target(fd: int, target: str) -> bool:
@@ -95,8 +102,15 @@ async def test_no_disk_writes_after_ready(tmp_path: Path, mode: str) -> None:
     with mock_process() as mock:
         config = retention_config(mock.url, digest)
         with proxy_process(config, tmp_path, *args, wrapper=wrapper, cwd=tmp_path) as proxy:
-            async with aiohttp.ClientSession() as client:
-                statuses = await drive_every_path(proxy.url, key, marker, client)
+            try:
+                async with aiohttp.ClientSession() as client:
+                    statuses = await drive_every_path(proxy.url, key, marker, client)
+            finally:
+                # strace detaches on SIGTERM and would leave the proxy running: stop the
+                # proxy itself; strace exits with it.
+                for child in _children(proxy.pid):
+                    os.kill(child, signal.SIGTERM)
+                assert proxy.process.wait(30) == 0
             assert statuses["stream"] == 200, statuses
     trace = trace_file.read_text(errors="replace")
     after_ready = trace.split("zrproxy ready", 1)[1]

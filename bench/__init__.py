@@ -1,0 +1,1 @@
+"""The zrproxy benchmark (`python -m bench`): prints numbers, asserts nothing."""
