@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from zrproxy import hardening, mock_upstream
-from zrproxy.app import Service, run_loop, stop_requested
+from zrproxy.app import Service, run_loop, settle_heap, stop_requested
 from zrproxy.auth import new_key
 from zrproxy.config import (
     Config,
@@ -162,6 +162,7 @@ async def _serve_config(
     service = Service(config)
     try:
         await service.start()
+        settle_heap()
         if banner is not None:
             banner(f"http://{service.api_address}")
         await stop.wait()

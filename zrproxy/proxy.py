@@ -79,6 +79,12 @@ class _Exchange:
     tap: UsageTap | None = None
     response: web.StreamResponse | None = None
     is_sse: bool = False
+    expired: bool = False  # the total deadline cancelled the handler
+
+
+def _expire(ex: _Exchange, task: asyncio.Task[object]) -> None:
+    ex.expired = True
+    task.cancel()
 
 
 class Proxy:
@@ -87,6 +93,8 @@ class Proxy:
     def __init__(
         self, config: Config, upstreams: Upstreams, metrics: Metrics, state: ServiceState
     ) -> None:
+        # Held once: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
         self._max_body = config.server.max_body_bytes
         self._total_timeout = config.server.total_timeout_s
         self._idle_timeout = config.server.idle_timeout_s
@@ -97,7 +105,7 @@ class Proxy:
         self._state = state
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         endpoint = ENDPOINTS.get(request.path)
         dialect: Dialect = (
             endpoint.dialect
@@ -107,9 +115,11 @@ class Proxy:
             else "openai"
         )
         ex = _Exchange(loop.time(), request_id(request.headers.get(REQUEST_ID)), dialect)
-        task: asyncio.Task[object] = asyncio.current_task()  # type: ignore[assignment]
+        task: asyncio.Task[object] = asyncio.current_task(loop)  # type: ignore[assignment]
         self._state.handlers.add(task)
         self._metrics.in_flight.inc()
+        # One timer per request for total_timeout_s, whatever phase it is in.
+        deadline = loop.call_at(ex.started + self._total_timeout, _expire, ex, task)
         try:
             if endpoint is not None:
                 return await self._proxy(request, endpoint, ex)
@@ -119,12 +129,17 @@ class Proxy:
         except ProxyError as exc:
             return await self._fail(request, ex, exc)
         except asyncio.CancelledError:
+            # Our own deadlines cancel the handler too; only a client leaving propagates.
+            if ex.expired:
+                task.uncancel()
+                return await self._fail(request, ex, UpstreamTimeout())
             if not self._state.drain_expired:
                 self._metrics.child(self._metrics.client_aborts, ex.route).inc()
                 raise
-            task.uncancel()  # our own drain deadline, not the client leaving: say so
+            task.uncancel()
             return await self._fail(request, ex, ServiceDraining())
         finally:
+            deadline.cancel()
             self._state.handlers.discard(task)
             self._metrics.in_flight.dec()
             self._record(ex, loop.time())
@@ -153,19 +168,12 @@ class Proxy:
         ask_usage = endpoint.usage_on_request and parsed.stream and not parsed.client_wants_usage
         bodies = UpstreamBodies(body, parsed, plan.route.upstream_model, ask_usage)
         del body, parsed
-        opened = None
         try:
-            async with asyncio.timeout_at(ex.started + self._total_timeout):
-                opened = await self._upstreams.open(
-                    plan.upstreams, endpoint.path, request.headers, ex.rid, bodies, self._failed
-                )
-        except TimeoutError:
-            pass  # the total deadline passed before any upstream answered: raised below
+            upstream, response = await self._upstreams.open(
+                plan.upstreams, endpoint.path, request.headers, ex.rid, bodies, self._failed
+            )
         finally:
             bodies.clear()  # the prompt is upstream now; don't hold it while streaming
-        if opened is None:
-            raise UpstreamTimeout()
-        upstream, response = opened
         ex.upstream = upstream.name
         if len(plan.upstreams) > 1 and upstream is not plan.upstreams[0]:
             self._metrics.child(self._metrics.failovers, ex.route).inc()
@@ -190,17 +198,11 @@ class Proxy:
         await out.prepare(request)
         if ex.is_sse:
             self._metrics.open_streams.inc()
-        result = None
         try:
-            async with asyncio.timeout_at(ex.started + self._total_timeout):
-                result = await relay(upstream.content, out, ex.tap)
-        except TimeoutError:
-            pass  # the total deadline; raised as our own error below, outside this block
+            result = await relay(upstream.content, out, ex.tap, self._loop.time)
         finally:
             if ex.is_sse:
                 self._metrics.open_streams.dec()
-        if result is None:
-            raise UpstreamTimeout()
         ex.bytes_out, ex.chunks, ex.first_byte_at = (
             result.bytes_out,
             result.chunks,
@@ -230,7 +232,7 @@ class Proxy:
         size = 0
         content = request.content
         failure: ProxyError | None = None
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         # A client that stops sending mid-body (or whose chunked framing broke: aiohttp
         # then never ends the body stream) must not hold a handler forever.
         try:

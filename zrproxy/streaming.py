@@ -15,7 +15,7 @@ this frame, and with it the last chunk, alive. On cancellation (client gone, dra
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,8 +37,11 @@ class RelayResult:
     first_byte_at: float  # loop time of the first body byte written; 0.0 if none
 
 
-async def relay(source: StreamReader, sink: StreamResponse, tap: UsageTap | None) -> RelayResult:
-    """Copy `source` to `sink` chunk by chunk until either side ends."""
+async def relay(
+    source: StreamReader, sink: StreamResponse, tap: UsageTap | None, now: Callable[[], float]
+) -> RelayResult:
+    """Copy `source` to `sink` chunk by chunk until either side ends; `now` is the loop's
+    clock, for the time of the first byte."""
     read = source.readany
     write = sink.write
     sent = chunks = 0
@@ -68,7 +71,7 @@ async def relay(source: StreamReader, sink: StreamResponse, tap: UsageTap | None
                 if not data:
                     continue
             if not chunks:
-                first_byte_at = asyncio.get_running_loop().time()
+                first_byte_at = now()
             try:
                 await write(data)
             except (ConnectionError, aiohttp.ClientError) as exc:

@@ -23,6 +23,8 @@ import orjson
 
 _KEY = b'"usage":'
 _KEY_TAIL = len(_KEY) - 1
+_OBJECT = b'"usage":{'
+_OBJECT_SPACED = b'"usage": {'
 _EVENT_END = b"\n\n"
 _CONTENT_EVENT = b'"choices":[{'
 # An event start longer than this is forwarded even if undecided (never hold much).
@@ -164,7 +166,8 @@ class UsageTap:
             self._mid_event = False
             head, data = data[:cut], data[cut:]
             return head + self._feed_stripping(data) if data else head
-        if _KEY in data:
+        # Every chunk of such a stream says "usage":null; only an object needs cutting.
+        if _OBJECT in data or _OBJECT_SPACED in data:
             return self._cut_usage_events(data)
         if data.endswith(_EVENT_END) or not data:
             return data

@@ -34,7 +34,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prometheus_multiprocess
 
-from zrproxy.app import Service, admin_app, run_loop, stop_requested
+from zrproxy.app import Service, admin_app, run_loop, settle_heap, stop_requested
 from zrproxy.config import Address, Config, export_metrics_dir
 from zrproxy.errors import StartupError
 from zrproxy.proxy import ServiceState
@@ -59,6 +59,7 @@ def _worker_main(
         service = Service(config, reuse_port=True, admin=False)
         try:
             await service.start()
+            settle_heap()
             ready.set()
             await stop_requested().wait()
             await service.drain()
