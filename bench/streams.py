@@ -78,7 +78,7 @@ async def _hold(ctx: Context, target: Target, n: int) -> dict[str, Any]:
         if await _ended(ctx.mock) >= ended_before + len(holders):
             break
         await asyncio.sleep(0.5)
-    await asyncio.sleep(1)
+    await asyncio.sleep(3)  # zrproxy hands freed memory back within a second of going idle
     after = proxy.rss_kib()
     return {
         "streams": n,

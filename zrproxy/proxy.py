@@ -58,6 +58,7 @@ class ServiceState:
     draining: bool = False
     drain_expired: bool = False
     handlers: set[asyncio.Task[object]] = field(default_factory=set)
+    served: int = 0  # requests handled so far (tells the idle heap trimmer there was work)
 
 
 @dataclass(slots=True)
@@ -117,6 +118,7 @@ class Proxy:
         ex = _Exchange(loop.time(), request_id(request.headers.get(REQUEST_ID)), dialect)
         task: asyncio.Task[object] = asyncio.current_task(loop)  # type: ignore[assignment]
         self._state.handlers.add(task)
+        self._state.served += 1
         self._metrics.in_flight.inc()
         # One timer per request for total_timeout_s, whatever phase it is in.
         deadline = loop.call_at(ex.started + self._total_timeout, _expire, ex, task)
