@@ -169,9 +169,12 @@ class UsageTap:
         # Every chunk of such a stream says "usage":null; only an object needs cutting.
         if _OBJECT in data or _OBJECT_SPACED in data:
             return self._cut_usage_events(data)
+        return self._forward_complete(data)
+
+    def _forward_complete(self, data: bytes) -> bytes:
+        """`data` minus an unfinished event at its end that might be the usage event."""
         if data.endswith(_EVENT_END) or not data:
             return data
-        # The chunk ends inside an event: forward it unless it might be the usage event.
         start = data.rfind(_EVENT_END) + 2 if _EVENT_END in data else 0
         partial = data[start:]
         if _CONTENT_EVENT in partial or len(partial) > _MAX_HELD:
@@ -182,22 +185,25 @@ class UsageTap:
         return data[:start]
 
     def _cut_usage_events(self, data: bytes) -> bytes:
+        """Drop each whole event that carries a usage object and no content. Only those
+        events are located; the bytes around them pass as they are (a read under load
+        holds many events, and splitting all of them cost 14% of a stream's CPU)."""
         out: list[bytes] = []
-        start = 0
-        while start < len(data):
-            end = data.find(_EVENT_END, start)
-            if end == -1:
-                partial = data[start:]
-                if _CONTENT_EVENT in partial or len(partial) > _MAX_HELD:
-                    self._mid_event = True
-                    self._after_newline = partial.endswith(b"\n")
-                    out.append(partial)
-                else:
-                    self._held = partial
+        while True:
+            pos = data.find(_OBJECT)
+            if pos == -1:
+                pos = data.find(_OBJECT_SPACED)
+            if pos == -1:
                 break
+            before = data.rfind(_EVENT_END, 0, pos)
+            start = 0 if before == -1 else before + 2
+            end = data.find(_EVENT_END, pos)
+            if end == -1:
+                break  # the event is not complete yet: held below, it carries no content
             event = data[start : end + 2]
-            start = end + 2
-            if _KEY in event and _CONTENT_EVENT not in event and self._scan_event(event):
-                continue  # the usage event we asked for: counted, not forwarded
-            out.append(event)
+            self._scan_event(event)
+            # Usage riding on a content event is counted, and the event forwarded.
+            out.append(data[: end + 2] if _CONTENT_EVENT in event else data[:start])
+            data = data[end + 2 :]
+        out.append(self._forward_complete(data))
         return b"".join(out)
