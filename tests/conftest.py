@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 from zrproxy.app import Service
 from zrproxy.auth import new_key
@@ -99,3 +101,15 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
 async def proxy(mock: Mock, start_proxy: StartProxy) -> RunningProxy:
     """The proxy with one OpenAI-kind upstream (the mock) serving every model."""
     return await start_proxy([{"name": "mock", "kind": "openai", "base_url": mock.url}])
+
+
+async def metric(proxy: RunningProxy, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels` (0 if none)."""
+    async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )

@@ -16,9 +16,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Mock, RunningProxy, StartProxy
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import Mock, RunningProxy, StartProxy
 from zrproxy.auth import new_key
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")

@@ -18,8 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import Mock, RunningProxy, StartProxy
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Mock, StartProxy, metric
 
 RETRY_BODY = b'{"error":{"message":"slow down","type":"requests","param":null,"code":"rate"}}'
 
@@ -102,18 +102,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def metric(proxy: RunningProxy, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels` (0 if none)."""
-    async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as resp:
-        text = await resp.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
 
 
 def upstream(name: str, url: str, kind: str = "openai") -> dict[str, Any]:

@@ -21,9 +21,9 @@ import anthropic
 import openai
 import pytest
 from aiohttp import web
-from conftest import Mock, RunningProxy, StartProxy
 from multidict import CIMultiDict
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Mock, RunningProxy, StartProxy, metric
 
 UPSTREAM_KEY = "sk-upstream-test"
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -93,18 +93,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 def marker() -> str:
     return uuid.uuid4().hex
-
-
-async def metric(proxy: RunningProxy, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels` (0 if none)."""
-    async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as resp:
-        text = await resp.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
 
 
 def chat(model: str = "mock", text: str = "hello", **extra: Any) -> bytes:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import secrets
 import shutil
+import signal
 from pathlib import Path
 
 import aiohttp
