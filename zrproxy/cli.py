@@ -141,7 +141,7 @@ def _harden(mlock: bool) -> None:
     if mlock:
         hardening.lock_memory()
     elif hardening.swap_enabled():
-        log.warning("swap is on and server.mlock is off: memory holding content may be swapped")
+        log.warning("swap is on and server.mlock is off: in-flight requests may be swapped to disk")
 
 
 async def _serve_config(
