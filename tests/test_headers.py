@@ -199,3 +199,18 @@ def test_any_other_text_is_replaced_by_32_hex(rid: str) -> None:
 )
 def test_one_bad_character_anywhere_replaces_the_id(head: str, bad: str, tail: str) -> None:
     assert _NEW_ID.fullmatch(request_id(head + bad + tail))
+
+
+def test_underscore_spellings_of_dropped_headers_are_dropped_too() -> None:
+    incoming = CIMultiDictProxy(
+        CIMultiDict(
+            [
+                ("Transfer_Encoding", "chunked"),
+                ("content_length", "5"),
+                ("X_Api_Key", "client-key"),
+                ("X_Custom_Header", "kept"),
+            ]
+        )
+    )
+    out = upstream_request_headers(incoming, {})
+    assert list(out.keys()) == ["X_Custom_Header"]

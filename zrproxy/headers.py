@@ -84,7 +84,10 @@ def upstream_request_headers(
     out: CIMultiDict[str] = CIMultiDict()
     drop = _connection_named(incoming, DROP_FROM_REQUEST)
     for name, value in incoming.items():
-        if name.lower() not in drop:
+        # `Transfer_Encoding` is not a framing header to us, but some servers read
+        # underscores as dashes: a request-smuggling vector. Such names are dropped.
+        lower = name.lower()
+        if lower not in drop and lower.replace("_", "-") not in drop:
             out.add(name, value)
     for name, value in injected.items():
         out[name] = value
