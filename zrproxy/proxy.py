@@ -215,9 +215,7 @@ class Proxy:
         if result.outcome == "client_gone":
             self._metrics.child(self._metrics.client_aborts, ex.route).inc()
             return out
-        self._failed(
-            ex.upstream, "timeout" if result.outcome == "upstream_timeout" else "reset", False
-        )
+        self._failed(ex.upstream, "timeout" if result.outcome == "upstream_timeout" else "reset")
         if result.outcome == "upstream_timeout":
             raise UpstreamTimeout()
         raise UpstreamFailedMidStream()
@@ -274,7 +272,7 @@ class Proxy:
 
     # --- failures and metrics ---------------------------------------------------------------
 
-    def _failed(self, upstream: str, kind: str, will_retry: bool) -> None:
+    def _failed(self, upstream: str, kind: str) -> None:
         self._metrics.child(self._metrics.upstream_errors, upstream, kind).inc()
 
     async def _fail(

@@ -57,28 +57,22 @@ async def relay(
             except (aiohttp.ClientError, OSError) as exc:
                 forget(exc)
                 return RelayResult("upstream_error", sent, chunks, first_byte_at)
-            if not data:
-                data = tap.flush() if tap is not None else b""
-                if data:
-                    try:
-                        await write(data)
-                    except (ConnectionError, aiohttp.ClientError):
-                        return RelayResult("client_gone", sent, chunks, first_byte_at)
-                    sent += len(data)
-                return RelayResult("completed", sent, chunks, first_byte_at)
+            ended = not data
             if tap is not None:
-                data = tap.feed(data)
-                if not data:
-                    continue
-            if not chunks:
-                first_byte_at = now()
-            try:
-                await write(data)
-            except (ConnectionError, aiohttp.ClientError) as exc:
-                forget(exc)
-                return RelayResult("client_gone", sent, chunks, first_byte_at)
-            sent += len(data)
-            chunks += 1
+                # At the end, whatever the tap still holds back goes out as it is.
+                data = tap.flush() if ended else tap.feed(data)
+            if data:
+                if not chunks:
+                    first_byte_at = now()
+                try:
+                    await write(data)
+                except (ConnectionError, aiohttp.ClientError) as exc:
+                    forget(exc)
+                    return RelayResult("client_gone", sent, chunks, first_byte_at)
+                sent += len(data)
+                chunks += 1
+            if ended:
+                return RelayResult("completed", sent, chunks, first_byte_at)
     finally:
         data = b""
         if tap is not None:

@@ -78,12 +78,12 @@ class Upstreams:
         incoming_headers: CIMultiDictProxy[str],
         request_id: str,
         bodies: UpstreamBodies,
-        on_failure: Callable[[str, FailureKind, bool], None],
+        on_failure: Callable[[str, FailureKind], None],
     ) -> tuple[UpstreamConfig, ClientResponse]:
         """The first upstream response worth relaying, trying `upstreams` in order.
 
         Connect errors, timeouts before the response headers, 429 and 5xx move on to the
-        next upstream (`on_failure(name, kind, will_retry)`). When all fail, the last
+        next upstream (`on_failure(name, kind)` for every failed attempt). When all fail, the last
         upstream's own 429/5xx response is returned for relaying; without one, raises
         UpstreamTimeout or UpstreamUnavailable.
         """
@@ -109,12 +109,12 @@ class Upstreams:
                 forget(exc)
                 last_kind = "connect"
             if response is None:
-                on_failure(config.name, last_kind, not is_last)
+                on_failure(config.name, last_kind)
                 continue
             status = response.status
             if status == 429 or status >= 500:
                 last_kind = "status_429" if status == 429 else "status_5xx"
-                on_failure(config.name, last_kind, not is_last)
+                on_failure(config.name, last_kind)
                 if is_last:
                     self._to_idle_timeout(response)
                     return config, response
