@@ -7,6 +7,7 @@ never quotes a value that could be a secret.
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import os
 import re
@@ -59,6 +60,11 @@ class UpstreamConfig:
     api_key: str | None = field(default=None, repr=False)
     region: str | None = None
     request_overrides: Mapping[str, Any] = field(default_factory=dict)
+    # Merged into every request sent here, winning over the client's headers.
+    header_overrides: Mapping[str, str] = field(default_factory=dict)
+    # The provider contract says it keeps nothing (an account agreement). Unknown means
+    # it retains: only upstreams with this set may serve zero-retention projects.
+    zero_data_retention: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +76,42 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditLogConfig:
+    """A project's opt-in content audit log, sealed to the customer's age key."""
+
+    recipient: str  # an age X25519 recipient, "age1..."; the proxy never holds the identity
+    retention_days: int = 30
+
+
+@dataclass(frozen=True, slots=True)
 class ProjectConfig:
     name: str
     key_sha256: tuple[bytes, ...]
     zero_retention: bool = True
     models: tuple[str, ...] | None = None
     regions: tuple[str, ...] | None = None
+    audit_log: AuditLogConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """Where and how sealed audit records are written (`[audit]`)."""
+
+    dir: str
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_record_bytes: int = 1024 * 1024
+    queue_records: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SubprocessorConfig:
+    """One entry of the published subprocessor register."""
+
+    name: str
+    purpose: str
+    location: str
+    hosts: tuple[str, ...]
+    since: datetime.date  # announced before this day, used from it on
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +120,8 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...]
     routes: tuple[RouteConfig, ...]
     projects: tuple[ProjectConfig, ...]
+    subprocessors: tuple[SubprocessorConfig, ...] = ()
+    audit: AuditConfig | None = None
 
     def upstream(self, name: str) -> UpstreamConfig:
         return next(u for u in self.upstreams if u.name == name)
@@ -289,8 +327,23 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
             raise ConfigError(table.key("api_key_env"), problem)
     region = table.take("region", _name, None)
     overrides: Mapping[str, Any] = table.take("request_overrides", _overrides, {})
+    header_overrides = table.take("header_overrides", _header_overrides, {})
+    zdr = table.take("zero_data_retention", _bool, False)
     table.finish()
-    return UpstreamConfig(name, kind, base_url, api_key_env, api_key, region, overrides)
+    return UpstreamConfig(
+        name, kind, base_url, api_key_env, api_key, region, overrides, header_overrides, zdr
+    )
+
+
+def _header_overrides(path: str, value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(path, "must be a table of header names to string values")
+    for name, text in value.items():
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+            raise ConfigError(f"{path}.{name}", "is not a valid header name")
+        if not isinstance(text, str) or any(c in text for c in "\r\n\0"):
+            raise ConfigError(f"{path}.{name}", "must be a string without line breaks")
+    return dict(value)
 
 
 def _overrides(path: str, value: object) -> dict[str, Any]:
@@ -329,9 +382,65 @@ def _project(table: _Table) -> ProjectConfig:
         zero_retention=table.take("zero_retention", _bool, True),
         models=table.take("models", _glob_list, None),
         regions=table.take("regions", _str_list, None),
+        audit_log=table.take("audit_log", _audit_log, None),
     )
     table.finish()
+    if project.audit_log is not None and project.zero_retention:
+        raise ConfigError(
+            table.key("audit_log"), "needs zero_retention = false (a content log keeps content)"
+        )
     return project
+
+
+_AGE_RECIPIENT = re.compile(r"age1[02-9ac-hj-np-z]{58}")
+
+
+def _audit_log(path: str, value: object) -> AuditLogConfig:
+    table = _Table(path, value)
+    recipient = table.require("recipient", _str)
+    if not _AGE_RECIPIENT.fullmatch(recipient):
+        raise ConfigError(table.key("recipient"), "must be an age X25519 recipient (age1...)")
+    retention = table.take("retention_days", _positive_int, 30)
+    table.finish()
+    return AuditLogConfig(recipient, retention)
+
+
+def _audit(table: _Table) -> AuditConfig:
+    d = AuditConfig(dir="")
+    audit = AuditConfig(
+        dir=table.require("dir", _str),
+        max_file_bytes=table.take("max_file_bytes", _positive_int, d.max_file_bytes),
+        max_record_bytes=table.take("max_record_bytes", _positive_int, d.max_record_bytes),
+        queue_records=table.take("queue_records", _positive_int, d.queue_records),
+    )
+    table.finish()
+    return audit
+
+
+def _date(path: str, value: object) -> datetime.date:
+    if type(value) is not datetime.date:
+        raise ConfigError(path, "must be a TOML date (YYYY-MM-DD, unquoted)")
+    return value
+
+
+def _host_list(path: str, value: object) -> tuple[str, ...]:
+    hosts = _str_list(path, value)
+    for i, host in enumerate(hosts):
+        if not re.fullmatch(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]", host):
+            raise ConfigError(f"{path}[{i}]", "must be a host name or address, without port")
+    return tuple(h.lower() for h in hosts)
+
+
+def _subprocessor(table: _Table) -> SubprocessorConfig:
+    sub = SubprocessorConfig(
+        name=table.require("name", _str),
+        purpose=table.require("purpose", _str),
+        location=table.require("location", _str),
+        hosts=table.require("hosts", _host_list),
+        since=table.require("since", _date),
+    )
+    table.finish()
+    return sub
 
 
 def parse_config(data: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
@@ -364,8 +473,17 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         for j, region in enumerate(project.regions or ()):
             if region not in regions:
                 raise ConfigError(f"projects[{i}].regions[{j}]", f"no upstream in '{region}'")
+    subprocessors = [_subprocessor(t) for t in top.take("subprocessors", _tables, [])]
+    _unique("subprocessors", [s.name for s in subprocessors], "name")
+    audit_table = top.take("audit", _any, None)
+    audit = None if audit_table is None else _audit(_Table("audit", audit_table))
+    for i, project in enumerate(projects):
+        if project.audit_log is not None and audit is None:
+            raise ConfigError(f"projects[{i}].audit_log", "needs an [audit] table with dir")
     top.finish()
-    return Config(server, tuple(upstreams), tuple(routes), tuple(projects))
+    return Config(
+        server, tuple(upstreams), tuple(routes), tuple(projects), tuple(subprocessors), audit
+    )
 
 
 def glob_matcher(globs: tuple[str, ...]) -> Callable[[str], bool]:
