@@ -49,8 +49,9 @@ test: $(STAMP) system-deps lint
 	PYTHONMALLOC=malloc $(PY) -m pytest -m memray --memray --memray-bin-path=$(MEMRAY_DIR)
 	rm -rf $(MEMRAY_DIR)
 
+# The unit and end-to-end tiers, without the proofs (subprocesses, memory scans, strace).
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not memray and not slow" -p no:memray -x -q
+	$(PY) -m pytest tests/unit tests/e2e -m "not memray and not slow" -p no:memray -x -q
 
 bench: $(STAMP) system-deps
 	$(PY) -m bench

@@ -35,7 +35,7 @@ if importlib.util.find_spec("zrproxy.cli") is None:
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "zrproxy-dashboard.json"
 POLL_LIMIT_S = 30.0

@@ -25,7 +25,7 @@ from tests.scrub_child import copies_left, variant_env
 from zrproxy import hardening
 from zrproxy.hardening import is_scrubbed, scrub_environment
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # What scrub_environment sets or drops: a control child starts with none of them.
 SCRUB_KEYS = (
     "PYTHONMALLOC",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "zrproxy"
+PACKAGE = Path(__file__).resolve().parents[2] / "zrproxy"
 MODULES = {p.stem: p for p in sorted(PACKAGE.glob("*.py"))}
 
 # caches (clears third-party caches that could hold content) is a leaf like these.

@@ -35,7 +35,7 @@ from kubernetes_validate.utils import SchemaNotFoundError
 from tests.processes import LoggedProcess
 from zrproxy.config import ServerConfig, parse_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"

@@ -38,7 +38,7 @@ from zrproxy.mock_upstream import (
     start_mock,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 USER = "the quick brown fox"
 # A conversation whose last user turn is USER: the echo must come from that turn only.
 HISTORY = [
