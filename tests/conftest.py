@@ -69,6 +69,11 @@ def config_data(
     }
 
 
+def kind_for(path: str) -> str:
+    """The upstream kind that serves an API path (the proxy never crosses them)."""
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 
@@ -99,8 +104,14 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
 
 @pytest.fixture
 async def proxy(mock: Mock, start_proxy: StartProxy) -> RunningProxy:
-    """The proxy with one OpenAI-kind upstream (the mock) serving every model."""
-    return await start_proxy([{"name": "mock", "kind": "openai", "base_url": mock.url}])
+    """The proxy with the mock as an OpenAI-kind upstream ("mock") and as an
+    Anthropic-kind one ("mock-anthropic"), serving every model on every endpoint."""
+    return await start_proxy(
+        [
+            {"name": "mock", "kind": "openai", "base_url": mock.url},
+            {"name": "mock-anthropic", "kind": "anthropic", "base_url": mock.url},
+        ]
+    )
 
 
 async def metric(proxy: RunningProxy, name: str, **labels: str) -> float:

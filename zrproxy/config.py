@@ -73,6 +73,8 @@ class RouteConfig:
     model: str
     upstreams: tuple[str, ...]
     upstream_model: str | None = None
+    # Concrete model ids this route serves, for GET /v1/models (a glob lists nothing).
+    models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,8 +369,15 @@ def _route(table: _Table, upstream_names: set[str]) -> RouteConfig:
         model=model,
         upstreams=upstreams,
         upstream_model=table.take("upstream_model", _str, None),
+        models=table.take("models", _str_list, ()),
     )
     table.finish()
+    matches = glob_matcher((model,))
+    for i, listed in enumerate(route.models):
+        if is_glob(listed) or not matches(listed):
+            raise ConfigError(
+                table.key(f"models[{i}]"), "must be a concrete model id matched by this route"
+            )
     return route
 
 
@@ -484,6 +493,10 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     return Config(
         server, tuple(upstreams), tuple(routes), tuple(projects), tuple(subprocessors), audit
     )
+
+
+def is_glob(model: str) -> bool:
+    return any(c in model for c in "*?[")
 
 
 def glob_matcher(globs: tuple[str, ...]) -> Callable[[str], bool]:

@@ -7,7 +7,7 @@ error bodies from fixed messages and never copies request content into them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +24,8 @@ class Endpoint:
     dialect: Dialect
     # Chat and text completions stream usage only when asked (stream_options.include_usage).
     usage_on_request: bool
+    # The model routed on when the body names none (the API's own default), else required.
+    default_model: str | None = None
 
 
 ENDPOINTS: Mapping[str, Endpoint] = {
@@ -33,7 +35,9 @@ ENDPOINTS: Mapping[str, Endpoint] = {
         Endpoint("/v1/completions", "openai", True),
         Endpoint("/v1/embeddings", "openai", False),
         Endpoint("/v1/responses", "openai", False),
+        Endpoint("/v1/moderations", "openai", False, "omni-moderation-latest"),
         Endpoint("/v1/messages", "anthropic", False),
+        Endpoint("/v1/messages/count_tokens", "anthropic", False),
     )
 }
 MODELS_PATH = "/v1/models"
@@ -80,7 +84,7 @@ class ParsedRequest:
     client_wants_usage: bool
 
 
-def parse_request(body: bytes) -> ParsedRequest:
+def parse_request(body: bytes, default_model: str | None = None) -> ParsedRequest:
     """Parse a JSON request body once.
 
     Uses the stdlib parser: orjson keeps a process-wide cache of object keys up to 64
@@ -94,7 +98,7 @@ def parse_request(body: bytes) -> ParsedRequest:
         payload = None
     if not isinstance(payload, dict):
         raise MalformedJSON()
-    model = payload.get("model")
+    model = payload.get("model", default_model)
     if not isinstance(model, str) or not model or len(model) > 256:
         raise MissingModel()
     options = payload.get("stream_options")
@@ -138,16 +142,25 @@ class UpstreamBodies:
         self._request = None
 
 
-def models_list(model_ids: Iterable[str]) -> bytes:
-    """OpenAI's list format for GET /v1/models."""
-    return orjson.dumps(
-        {
-            "object": "list",
-            "data": [
-                {"id": m, "object": "model", "created": 0, "owned_by": "zrproxy"} for m in model_ids
-            ],
-        }
-    )
+def _model_object(dialect: Dialect, model_id: str) -> dict[str, Any]:
+    if dialect == "anthropic":
+        created = "1970-01-01T00:00:00Z"
+        return {"type": "model", "id": model_id, "display_name": model_id, "created_at": created}
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "zrproxy"}
+
+
+def models_list(dialect: Dialect, model_ids: list[str]) -> bytes:
+    """The API's list format for GET /v1/models (ids are config strings, never input)."""
+    data = [_model_object(dialect, m) for m in model_ids]
+    if dialect == "anthropic":
+        first, last = (model_ids[0], model_ids[-1]) if model_ids else (None, None)
+        return orjson.dumps({"data": data, "has_more": False, "first_id": first, "last_id": last})
+    return orjson.dumps({"object": "list", "data": data})
+
+
+def model_object(dialect: Dialect, model_id: str) -> bytes:
+    """The API's format for GET /v1/models/{id}."""
+    return orjson.dumps(_model_object(dialect, model_id))
 
 
 def auth_headers(kind: Dialect, api_key: str | None) -> dict[str, str]:

@@ -11,14 +11,17 @@ and the only variable parts are names taken from the config (key paths, upstream
         ├── MissingModel         400
         ├── InvalidRequest       400
         ├── InvalidAuth          401
+        ├── UnsupportedEndpoint  400
         ├── ModelNotAllowed      403
+        ├── NoUpstreamInRegion   403
         ├── NotFound             404
-        ├── MethodNotAllowed     405
+        │   ├── UnknownPath      404
+        │   └── ModelNotFound    404
+        ├── MethodNotAllowed(allow)  405
         ├── BodyTimeout          408
         ├── BodyTooLarge         413
         ├── UpstreamUnavailable  502
         ├── ServiceDraining      503
-        ├── NoUpstreamInRegion   503
         └── UpstreamTimeout      504
 """
 
@@ -38,7 +41,16 @@ ErrorType = Literal[
     "timeout_error",
 ]
 RejectReason = Literal[
-    "auth", "model", "size", "malformed", "not_found", "method", "draining", "region", "none"
+    "auth",
+    "model",
+    "size",
+    "malformed",
+    "not_found",
+    "method",
+    "draining",
+    "region",
+    "endpoint",
+    "none",
 ]
 
 
@@ -71,6 +83,10 @@ class ProxyError(ZrproxyError):
 
     def __init__(self) -> None:
         super().__init__(self.message)
+
+    def response_headers(self) -> dict[str, str]:
+        """Headers HTTP asks for with this status (fixed values or config names only)."""
+        return {}
 
 
 class MalformedJSON(ProxyError):
@@ -121,12 +137,39 @@ class NotFound(ProxyError):
     reject_reason = "not_found"
 
 
+class UnknownPath(NotFound):
+    code = "unknown_path"
+    message = "This path is not proxied."
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+    message = "No route serves the requested model."
+
+
+class UnsupportedEndpoint(ProxyError):
+    """The model's upstreams speak another API (e.g. /v1/messages to an OpenAI upstream)."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "unsupported_endpoint_for_model"
+    message = "The requested model is not served on this endpoint."
+    reject_reason = "endpoint"
+
+
 class MethodNotAllowed(ProxyError):
     status = 405
     error_type = "invalid_request_error"
     code = "method_not_allowed"
     message = "This method is not allowed on this path."
     reject_reason = "method"
+
+    def __init__(self, allow: str) -> None:
+        super().__init__()
+        self.allow = allow  # our own method list, e.g. "POST"
+
+    def response_headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
 
 
 class BodyTimeout(ProxyError):
@@ -168,8 +211,9 @@ class ServiceDraining(ProxyError):
 
 
 class NoUpstreamInRegion(ProxyError):
-    status = 503
-    error_type = "api_error"
+    # Permanent for this project, so 4xx: a 503 would make the SDKs retry it.
+    status = 403
+    error_type = "permission_error"
     code = "no_upstream_in_region"
     message = "No upstream for this model is allowed in the project's regions."
     reject_reason = "region"

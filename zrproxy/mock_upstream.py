@@ -620,6 +620,28 @@ async def _models(request: web.Request) -> web.Response:
     return web.Response(body=_MODELS_BODY, content_type=_JSON)
 
 
+async def _count_tokens(request: web.Request) -> web.Response:
+    """Anthropic's token count: one token per 4 bytes of body (deterministic for tests)."""
+    stats = request.app[MOCK_STATS]
+    size = len(await request.content.read())
+    stats.finish(
+        stats.begin(request.headers.get("x-request-id"), _record(request, None)), "completed"
+    )
+    return web.Response(body=orjson.dumps({"input_tokens": size // 4}), content_type=_JSON)
+
+
+async def _moderations(request: web.Request) -> web.Response:
+    """OpenAI's moderation result: nothing flagged."""
+    stats = request.app[MOCK_STATS]
+    await request.content.read()
+    stats.finish(
+        stats.begin(request.headers.get("x-request-id"), _record(request, None)), "completed"
+    )
+    result = {"flagged": False, "categories": {}, "category_scores": {}}
+    body = {"id": "modr-mock", "model": "omni-moderation-latest", "results": [result]}
+    return web.Response(body=orjson.dumps(body), content_type=_JSON)
+
+
 async def _stats(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(request.app[MOCK_STATS].snapshot()), content_type=_JSON)
 
@@ -639,6 +661,8 @@ def create_mock_app() -> web.Application:
     app[MOCK_STATS] = MockStats()
     for path, api in _ROUTES:
         app.router.add_post(path, _api_handler(api))
+    app.router.add_post("/v1/messages/count_tokens", _count_tokens)
+    app.router.add_post("/v1/moderations", _moderations)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/_mock/stats", _stats)
     return app

@@ -23,6 +23,7 @@ from zrproxy.dialects import (
     Endpoint,
     UpstreamBodies,
     error_body,
+    model_object,
     models_list,
     parse_request,
     sse_error_event,
@@ -32,9 +33,11 @@ from zrproxy.errors import (
     BodyTooLarge,
     InvalidRequest,
     MethodNotAllowed,
-    NotFound,
+    ModelNotFound,
     ProxyError,
     ServiceDraining,
+    UnknownPath,
+    UnsupportedEndpoint,
     UpstreamFailedMidStream,
     UpstreamTimeout,
 )
@@ -46,6 +49,7 @@ from zrproxy.upstream import Upstreams
 from zrproxy.usage import UsageTap
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_MODEL_PREFIX = MODELS_PATH + "/"
 # Request targets that are our own fixed strings; any other target may carry content.
 _PLAIN_TARGETS = frozenset([*ENDPOINTS, MODELS_PATH])
 
@@ -81,6 +85,7 @@ class _Exchange:
     response: web.StreamResponse | None = None
     is_sse: bool = False
     expired: bool = False  # the total deadline cancelled the handler
+    proxied: bool = False  # a call to a proxied endpoint (not /v1/models, not a 404 path)
 
 
 def _expire(ex: _Exchange, task: asyncio.Task[object]) -> None:
@@ -125,9 +130,12 @@ class Proxy:
         try:
             if endpoint is not None:
                 return await self._proxy(request, endpoint, ex)
-            if request.path == MODELS_PATH:
+            if request.path == MODELS_PATH or request.path.startswith(_MODEL_PREFIX):
                 return self._models(request, ex)
-            raise NotFound()
+            if request.path.startswith("/v1/"):
+                # An unknown API path says so only to a caller with a valid key.
+                ex.project = self._auth.authenticate(request.headers).name
+            raise UnknownPath()
         except ProxyError as exc:
             return await self._fail(request, ex, exc)
         except asyncio.CancelledError:
@@ -153,17 +161,22 @@ class Proxy:
     async def _proxy(
         self, request: web.BaseRequest, endpoint: Endpoint, ex: _Exchange
     ) -> web.StreamResponse:
+        ex.proxied = True
         if request.method != "POST":
-            raise MethodNotAllowed()
+            raise MethodNotAllowed("POST")
         if self._state.draining:
             raise ServiceDraining()
         project = self._auth.authenticate(request.headers)
         ex.project = project.name
         body = await self._read_body(request)
         ex.bytes_in = len(body)
-        parsed = parse_request(body)
+        parsed = parse_request(body, endpoint.default_model)
         plan = self._router.plan(project, parsed.model)
         ex.route = plan.route.name
+        # Only upstreams that speak this endpoint's API: never a path the upstream lacks.
+        upstreams = tuple(u for u in plan.upstreams if u.kind == endpoint.dialect)
+        if not upstreams:
+            raise UnsupportedEndpoint()
         ex.stream = parsed.stream
         # We ask OpenAI-style streams for usage when the client did not, then drop that
         # event on the way back (the tap), so token counts work for every stream.
@@ -172,12 +185,12 @@ class Proxy:
         del body, parsed
         try:
             upstream, response = await self._upstreams.open(
-                plan.upstreams, endpoint.path, request.headers, ex.rid, bodies, self._failed
+                upstreams, endpoint.path, request.headers, ex.rid, bodies, self._failed
             )
         finally:
             bodies.clear()  # the prompt is upstream now; don't hold it while streaming
         ex.upstream = upstream.name
-        if len(plan.upstreams) > 1 and upstream is not plan.upstreams[0]:
+        if len(upstreams) > 1 and upstream is not upstreams[0]:
             self._metrics.child(self._metrics.failovers, ex.route).inc()
         ex.tap = UsageTap(strip_usage_event=ask_usage and upstream.kind == "openai")
         try:
@@ -260,12 +273,22 @@ class Proxy:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _models(self, request: web.BaseRequest, ex: _Exchange) -> web.StreamResponse:
-        if request.method != "GET":
-            raise MethodNotAllowed()
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed("GET, HEAD")
         project = self._auth.authenticate(request.headers)
         ex.project = project.name
+        # The Anthropic SDK sends anthropic-version on every call: answer in its format.
+        dialect: Dialect = "anthropic" if "anthropic-version" in request.headers else "openai"
+        ex.dialect = dialect
+        if request.path == MODELS_PATH:
+            body = models_list(dialect, self._router.visible_models(project))
+        else:
+            listed = self._router.listed_model(project, request.path[len(_MODEL_PREFIX) :])
+            if listed is None:
+                raise ModelNotFound()
+            body = model_object(dialect, listed)
         ex.status = 200
-        body = models_list(self._router.visible_models(project))
+        # HEAD: aiohttp sends the headers (Content-Length included) and no body.
         return web.Response(
             body=body, content_type="application/json", headers={REQUEST_ID: ex.rid}
         )
@@ -288,7 +311,7 @@ class Proxy:
                 status=error.status,
                 body=error_body(ex.dialect, error),
                 content_type="application/json",
-                headers={REQUEST_ID: ex.rid},
+                headers={REQUEST_ID: ex.rid, **error.response_headers()},
             )
             if error.status in (408, 413) or error.reject_reason == "draining":
                 response.force_close()  # don't read the rest of a body we refused
@@ -306,6 +329,8 @@ class Proxy:
 
     def _record(self, ex: _Exchange, finished: float) -> None:
         m = self._metrics
+        if not ex.proxied:
+            return  # /v1/models and unknown paths are not proxied requests
         status = ex.status or 499
         stream = "true" if ex.stream else "false"
         m.child(m.requests, ex.project, ex.route, ex.upstream, status_class(status), stream).inc()

@@ -1,7 +1,7 @@
 """Which upstreams may serve a (project, model) pair, in failover order.
 
-Everything that can be precomputed from the config is, at start-up; per request only
-two compiled globs are matched.
+Everything that can be precomputed from the config is, at start-up; per request the
+project's allowlist and the routes' globs are matched, first match wins.
 """
 
 from __future__ import annotations
@@ -9,8 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from zrproxy.config import Config, ProjectConfig, RouteConfig, UpstreamConfig, glob_matcher
-from zrproxy.errors import ModelNotAllowed, NotFound, NoUpstreamInRegion
+from zrproxy.config import (
+    Config,
+    ProjectConfig,
+    RouteConfig,
+    UpstreamConfig,
+    glob_matcher,
+    is_glob,
+)
+from zrproxy.errors import ModelNotAllowed, ModelNotFound, NoUpstreamInRegion
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,22 +56,28 @@ class Router:
                 if not plan.upstreams:
                     raise NoUpstreamInRegion()
                 return plan
-        raise NotFound()
+        raise ModelNotFound()
+
+    def serves(self, project: ProjectConfig, model: str) -> bool:
+        """Whether a request from `project` for `model` would be routed somewhere."""
+        allowed = self._allowed.get(project.name)
+        if allowed is not None and not allowed(model):
+            return False
+        route = next((r for matches, r in self._routes if matches(model)), None)
+        return route is not None and bool(self._plans[project.name, route.name].upstreams)
 
     def visible_models(self, project: ProjectConfig) -> list[str]:
-        """Models this project may use, for GET /v1/models: route model names (globs as
-        written) inside the project's allowlist, and the allowlist's plain model names
-        that some route serves."""
-        allowed = self._allowed.get(project.name)
-        visible = [
-            route.model
-            for _, route in self._routes
-            if (allowed is None or allowed(route.model))
-            and self._plans[project.name, route.name].upstreams
-        ]
-        for model in project.models or ():
-            if not any(c in model for c in "*?[") and model not in visible:
-                route = next((r for matches, r in self._routes if matches(model)), None)
-                if route is not None and self._plans[project.name, route.name].upstreams:
-                    visible.append(model)
-        return visible
+        """Model ids this project can pick, for GET /v1/models: each route's `models` (or
+        its model, when that is not a glob), and the allowlist's plain ids, each listed
+        only if a request for it would be served (allowlist, first matching route,
+        upstreams left for this project). Globs are never listed: a client can't send one."""
+        candidates: list[str] = []
+        for _, route in self._routes:
+            candidates.extend(route.models or (() if is_glob(route.model) else (route.model,)))
+        candidates.extend(m for m in project.models or () if not is_glob(m))
+        return [m for m in dict.fromkeys(candidates) if self.serves(project, m)]
+
+    def listed_model(self, project: ProjectConfig, model: str) -> str | None:
+        """The config's own string for `model` if GET /v1/models lists it for `project`
+        (so an answer never echoes what the client sent), else None."""
+        return next((m for m in self.visible_models(project) if m == model), None)

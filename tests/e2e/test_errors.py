@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Mock, RunningProxy, StartProxy
+from tests.conftest import Mock, RunningProxy, StartProxy, kind_for
 from zrproxy.auth import new_key
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
@@ -346,7 +346,6 @@ async def test_model_without_route_is_404(
         "/v1/chat/completions/extra",
         "/v1/chat/completions/",
         "/v1/messages/{m}",
-        "/v1/models/{m}",
         "/v2/chat/completions",
         "/V1/chat/completions",
         "/{m}?q={m}",
@@ -424,7 +423,7 @@ async def test_body_too_large_is_413(
     framing: str,
 ) -> None:
     proxy = await start_proxy(
-        [{"name": "mock", "kind": "openai", "base_url": mock.url}], max_body_bytes=MAX_BODY
+        [{"name": "mock", "kind": kind_for(path), "base_url": mock.url}], max_body_bytes=MAX_BODY
     )
     payload = big_body(marker)
     assert len(payload) > MAX_BODY
@@ -522,8 +521,16 @@ async def test_all_upstreams_refusing_is_502(
 ) -> None:
     proxy = await start_proxy(
         [
-            {"name": "a", "kind": "openai", "base_url": f"http://127.0.0.1:{closed_port()}/v1"},
-            {"name": "b", "kind": "anthropic", "base_url": f"http://127.0.0.1:{closed_port()}/v1"},
+            {
+                "name": "a",
+                "kind": kind_for(path),
+                "base_url": f"http://127.0.0.1:{closed_port()}/v1",
+            },
+            {
+                "name": "b",
+                "kind": kind_for(path),
+                "base_url": f"http://127.0.0.1:{closed_port()}/v1",
+            },
         ]
     )
     data = json.dumps(
@@ -554,7 +561,7 @@ async def test_upstream_without_headers_is_504(
     stream: bool,
 ) -> None:
     proxy = await start_proxy(
-        [{"name": "mock", "kind": "openai", "base_url": mock.url}], first_byte_timeout_s=0.5
+        [{"name": "mock", "kind": kind_for(path), "base_url": mock.url}], first_byte_timeout_s=0.5
     )
     data = json.dumps(
         {"model": "mock-hang", "stream": stream, "messages": [{"role": "user", "content": marker}]}
@@ -589,7 +596,7 @@ async def test_total_timeout_before_headers_is_504(
 ) -> None:
     # first_byte_timeout_s is long: it is the request's total deadline that expires.
     proxy = await start_proxy(
-        [{"name": "mock", "kind": "openai", "base_url": mock.url}], total_timeout_s=1
+        [{"name": "mock", "kind": kind_for(path), "base_url": mock.url}], total_timeout_s=1
     )
     data = json.dumps({"model": model, "stream": stream, "messages": [], "note": marker})
     resp, body = await send(
@@ -618,7 +625,7 @@ async def test_total_timeout_mid_stream_is_in_band(
     mock: Mock, start_proxy: StartProxy, session: aiohttp.ClientSession, path: str
 ) -> None:
     proxy = await start_proxy(
-        [{"name": "mock", "kind": "openai", "base_url": mock.url}], total_timeout_s=1
+        [{"name": "mock", "kind": kind_for(path), "base_url": mock.url}], total_timeout_s=1
     )
     data = json.dumps({"model": "mock-n100-d50", "stream": True, "messages": []})
     resp, body = await send(session, "POST", proxy.url + path, "-", data=data, headers=proxy.auth())
@@ -644,8 +651,8 @@ async def test_upstream_4xx_passes_through_without_failover(
 ) -> None:
     proxy = await start_proxy(
         [
-            {"name": "first", "kind": "openai", "base_url": mock.url},
-            {"name": "second", "kind": "openai", "base_url": mock.url},
+            {"name": "first", "kind": kind_for(path), "base_url": mock.url},
+            {"name": "second", "kind": kind_for(path), "base_url": mock.url},
         ]
     )
     data = json.dumps({"model": f"mock-e{status}", "messages": [{"role": "user", "content": "x"}]})
@@ -664,7 +671,7 @@ async def test_upstream_4xx_passes_through_without_failover(
     assert await metric(proxy, "zrproxy_upstream_errors_total") == 0
 
 
-async def test_models_lists_routes_visible_to_the_project(
+async def test_models_lists_ids_the_project_can_pick(
     mock: Mock, start_proxy: StartProxy, session: aiohttp.ClientSession, marker: str
 ) -> None:
     key, digest = new_key()
@@ -673,34 +680,86 @@ async def test_models_lists_routes_visible_to_the_project(
         [{"name": "mock", "kind": "openai", "base_url": mock.url}],
         routes=[
             {"model": "gpt-4o", "upstreams": ["mock"]},
-            {"model": "claude-*", "upstreams": ["mock"]},
+            {"model": "claude-*", "upstreams": ["mock"], "models": ["claude-sonnet-4"]},
             {"model": "mock*", "upstreams": ["mock"]},
         ],
         projects=[
-            {"name": "acme", "key_sha256": [digest], "models": ["gpt-*", "mock*"]},
+            {"name": "acme", "key_sha256": [digest], "models": ["gpt-*", "mock*", "mock-n3"]},
             {"name": "other", "key_sha256": [other_digest]},
         ],
     )
 
-    async def ids(api_key: str) -> list[str]:
+    async def get(path: str, api_key: str, **headers: str) -> tuple[aiohttp.ClientResponse, bytes]:
         resp, body = await send(
             session,
             "GET",
-            f"{proxy.url}/v1/models?q={marker}",
+            f"{proxy.url}{path}?q={marker}",
             marker,
-            headers={"Authorization": f"Bearer {api_key}"},
+            headers={"Authorization": f"Bearer {api_key}", **headers},
         )
-        assert resp.status == 200
         assert resp.content_type == "application/json"
         assert_clean(resp, body, marker)
+        return resp, body
+
+    async def ids(api_key: str) -> list[str]:
+        resp, body = await get("/v1/models", api_key)
+        assert resp.status == 200
         doc = json.loads(body)
         assert doc["object"] == "list"
         assert all(m["object"] == "model" for m in doc["data"])
         return [m["id"] for m in doc["data"]]
 
-    assert await ids(key) == ["gpt-4o", "mock*"]
-    assert await ids(other_key) == ["gpt-4o", "claude-*", "mock*"]
+    # Globs are never listed; concrete ids are, inside each project's allowlist.
+    assert await ids(key) == ["gpt-4o", "mock-n3"]
+    assert await ids(other_key) == ["gpt-4o", "claude-sonnet-4"]
+    # The Anthropic SDK's list format, chosen by its anthropic-version header.
+    resp, body = await get("/v1/models", other_key, **{"anthropic-version": "2023-06-01"})
+    doc = json.loads(body)
+    assert [m["id"] for m in doc["data"]] == ["gpt-4o", "claude-sonnet-4"]
+    assert {m["type"] for m in doc["data"]} == {"model"}
+    assert (doc["has_more"], doc["first_id"], doc["last_id"]) == (
+        False,
+        "gpt-4o",
+        "claude-sonnet-4",
+    )
+    # One model: a listed id answers, anything else is 404 model_not_found (not echoed).
+    resp, body = await get("/v1/models/claude-sonnet-4", other_key)
+    assert resp.status == 200
+    assert json.loads(body) == {
+        "id": "claude-sonnet-4",
+        "object": "model",
+        "created": 0,
+        "owned_by": "zrproxy",
+    }
+    for path, api_key in [
+        ("/v1/models/claude-sonnet-4", key),  # not in acme's allowlist
+        (f"/v1/models/{marker}", key),
+        ("/v1/models/claude-x", other_key),  # routed, but not a listed id
+    ]:
+        resp, body = await get(path, api_key)
+        assert resp.status == 404
+        assert assert_error(path, body, 404)["code"] == "model_not_found"
     assert mock.stats.started == 0  # answered by the proxy itself
+    # /v1/models is answered, not proxied: it is not a proxied request in the metrics.
+    assert await metric(proxy, "zrproxy_requests_total") == 0
+
+
+async def test_models_head_and_allow(proxy: RunningProxy, session: aiohttp.ClientSession) -> None:
+    async with session.get(proxy.url + "/v1/models", headers=proxy.auth()) as resp:
+        length = len(await resp.read())
+    async with session.head(proxy.url + "/v1/models", headers=proxy.auth()) as resp:
+        assert resp.status == 200
+        assert resp.content_length == length  # the GET's headers, without its body
+        assert await resp.read() == b""
+    for method, path, allow in [
+        ("POST", "/v1/models", "GET, HEAD"),
+        ("PUT", "/v1/models/mock", "GET, HEAD"),
+        ("GET", "/v1/chat/completions", "POST"),
+        ("DELETE", "/v1/messages", "POST"),
+    ]:
+        async with session.request(method, proxy.url + path, headers=proxy.auth()) as resp:
+            assert resp.status == 405
+            assert resp.headers["Allow"] == allow
 
 
 # --- malformed HTTP ------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import Mock, StartProxy, metric
+from tests.conftest import Mock, StartProxy, kind_for, metric
 
 RETRY_BODY = b'{"error":{"message":"slow down","type":"requests","param":null,"code":"rate"}}'
 
@@ -252,7 +252,7 @@ async def test_all_failing_relays_the_last_upstreams_429(
     a = await fakes.start("a", "503")
     b = await fakes.start("b", "429")
     proxy = await start_proxy(
-        [upstream("a", a.url), upstream("b", b.url)],
+        [upstream("a", a.url, kind_for(path)), upstream("b", b.url, kind_for(path))],
         routes=[{"model": "*", "upstreams": ["a", "b"], "name": "r"}],
     )
     async with session.post(proxy.url + path, data=chat(), headers=proxy.auth()) as resp:
@@ -333,7 +333,7 @@ async def test_all_failing_without_a_response(
     names = [f"u{i}" for i in range(len(behaviours))]
     urls = [(await failing(fakes, n, b))[0] for n, b in zip(names, behaviours, strict=True)]
     proxy = await start_proxy(
-        [upstream(n, u) for n, u in zip(names, urls, strict=True)],
+        [upstream(n, u, kind_for(path)) for n, u in zip(names, urls, strict=True)],
         routes=[{"model": "*", "upstreams": names}],
         first_byte_timeout_s=0.5,
     )
@@ -415,7 +415,7 @@ async def test_stream_idle_timeout_gets_in_band_504_error(
 ) -> None:
     spare = await fakes.start("spare", "ok")
     proxy = await start_proxy(
-        [upstream("mock", mock.url), upstream("spare", spare.url)],
+        [upstream("mock", mock.url, kind_for(path)), upstream("spare", spare.url, kind_for(path))],
         routes=[{"model": "*", "upstreams": ["mock", "spare"]}],
         idle_timeout_s=0.5,
     )

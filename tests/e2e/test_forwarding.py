@@ -149,7 +149,8 @@ async def test_without_upstream_key_no_credentials_are_forwarded(
 ) -> None:
     proxy = await start_proxy([{"name": "up", "kind": kind, "base_url": recorder.url}])
     headers = {**proxy.auth(), "x-api-key": proxy.key}
-    resp, _ = await post(session, proxy.url + "/v1/chat/completions", chat(), headers)
+    path = "/v1/messages" if kind == "anthropic" else "/v1/chat/completions"
+    resp, _ = await post(session, proxy.url + path, chat(), headers)
     assert resp.status == 200
     seen = recorder.last.headers
     assert "Authorization" not in seen
@@ -277,8 +278,8 @@ async def test_end_to_end_headers_are_forwarded(
     ("kind", "path", "expected"),
     [
         ("anthropic", "/v1/messages", "2023-06-01"),
-        ("anthropic", "/v1/chat/completions", "2023-06-01"),
-        ("openai", "/v1/messages", None),
+        ("anthropic", "/v1/messages/count_tokens", "2023-06-01"),
+        ("openai", "/v1/embeddings", None),
         ("openai", "/v1/chat/completions", None),
     ],
 )
@@ -437,8 +438,17 @@ async def test_upstream_model_renames_the_model(
     mock: Mock, start_proxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(
-        [{"name": "mock", "kind": "openai", "base_url": mock.url}],
-        routes=[{"model": "alias-*", "upstreams": ["mock"], "upstream_model": "mock-n2"}],
+        [
+            {"name": "mock", "kind": "openai", "base_url": mock.url},
+            {"name": "mock-anthropic", "kind": "anthropic", "base_url": mock.url},
+        ],
+        routes=[
+            {
+                "model": "alias-*",
+                "upstreams": ["mock", "mock-anthropic"],
+                "upstream_model": "mock-n2",
+            }
+        ],
     )
     for path in ("/v1/chat/completions", "/v1/messages", "/v1/embeddings"):
         rid = f"rename{path.replace('/', '-')}"
@@ -451,7 +461,12 @@ async def test_upstream_model_renames_the_model(
 async def test_query_string_is_not_forwarded(
     recorder: Recorder, start_proxy: StartProxy, session: aiohttp.ClientSession, marker: str
 ) -> None:
-    proxy = await start_proxy([{"name": "up", "kind": "openai", "base_url": recorder.url}])
+    proxy = await start_proxy(
+        [
+            {"name": "up", "kind": "openai", "base_url": recorder.url},
+            {"name": "up-anthropic", "kind": "anthropic", "base_url": recorder.url},
+        ]
+    )
     for path in ("/v1/chat/completions", "/v1/messages", "/v1/embeddings"):
         url = f"{proxy.url}{path}?api-version=2024-01-01&q={marker}"
         resp, _ = await post(session, url, chat(), proxy.auth())

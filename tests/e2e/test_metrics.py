@@ -25,7 +25,17 @@ FIXED_ENUMS = {
     "stream": {"true", "false"},
     "type": {"prompt", "completion"},
     "kind": {"connect", "timeout", "status_429", "status_5xx", "reset"},
-    "reason": {"auth", "model", "size", "malformed", "not_found", "method", "draining", "region"},
+    "reason": {
+        "auth",
+        "model",
+        "size",
+        "malformed",
+        "not_found",
+        "method",
+        "draining",
+        "region",
+        "endpoint",
+    },
     "le": None,  # histogram buckets: fixed by the code
 }
 

@@ -10,7 +10,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from zrproxy.auth import Authenticator, new_key, presented_key
 from zrproxy.config import Config, ProjectConfig, parse_config
-from zrproxy.errors import InvalidAuth, ModelNotAllowed, NotFound, NoUpstreamInRegion
+from zrproxy.errors import ConfigError, InvalidAuth, ModelNotAllowed, NotFound, NoUpstreamInRegion
 from zrproxy.routing import Router
 
 
@@ -209,15 +209,52 @@ def test_region_filtering_eu() -> None:
         router.plan(project, "claude-x")
 
 
-def test_visible_models() -> None:
-    config = routing_config()
-    assert Router(config).visible_models(config.projects[0]) == [
-        "gpt-4o*",
-        "gpt-*",
-        "claude-*",
-        "local-?",
-    ]
-    config = routing_config(regions=["eu"])
-    assert Router(config).visible_models(config.projects[1]) == ["gpt-4o*", "gpt-*"]
-    config = routing_config(models=["claude-*", "local-?"])
-    assert Router(config).visible_models(config.projects[1]) == ["claude-*", "local-?"]
+def test_visible_models_lists_only_ids_a_client_can_pick() -> None:
+    # Globs are never listed; a route's `models` are, and so is a route model that is
+    # not a glob and the allowlist's plain ids, each only where a request would be served.
+    def listed(routes: dict[str, list[str]], **project: Any) -> list[str]:
+        config = routing_config(**project)
+        config = parse_config(
+            {
+                "upstreams": [dataclass_dict(u) for u in config.upstreams],
+                "routes": [
+                    {"name": r.name, "model": r.model, "upstreams": list(r.upstreams)}
+                    | ({"models": routes[r.name]} if r.name in routes else {})
+                    for r in config.routes
+                ],
+                "projects": [
+                    {"name": "open", "key_sha256": ["0" * 64]},
+                    {"name": "p", "key_sha256": ["1" * 64], **project},
+                ],
+            },
+            {},
+        )
+        return Router(config).visible_models(config.projects[1])
+
+    assert listed({}) == []
+    ids = {"gpt4o": ["gpt-4o", "gpt-4o-mini"], "gpt": ["gpt-5", "gpt-4o-x"], "claude": ["claude-x"]}
+    # gpt-4o-x is listed by "gpt" but routed by the earlier "gpt4o": still servable.
+    assert listed(ids) == ["gpt-4o", "gpt-4o-mini", "gpt-5", "gpt-4o-x", "claude-x"]
+    assert listed(ids, regions=["eu"]) == ["gpt-4o", "gpt-4o-mini", "gpt-5", "gpt-4o-x"]
+    # A narrower allowlist glob keeps the ids it matches (it used to drop them).
+    assert listed(ids, models=["gpt-4o-*"]) == ["gpt-4o-mini", "gpt-4o-x"]
+    # Plain allowlist ids that some route serves are listed; unserved ones are not.
+    assert listed({}, models=["local-1", "claude-y", "nothing"]) == ["local-1", "claude-y"]
+
+
+def dataclass_dict(upstream: Any) -> dict[str, Any]:
+    out = {"name": upstream.name, "kind": upstream.kind, "base_url": upstream.base_url}
+    return out | ({"region": upstream.region} if upstream.region else {})
+
+
+@pytest.mark.parametrize("bad", ["gpt-*", "claude-x"])
+def test_route_models_must_be_concrete_ids_the_route_matches(bad: str) -> None:
+    data: dict[str, Any] = {
+        "upstreams": [{"name": "a", "kind": "openai", "base_url": "http://a"}],
+        "routes": [{"model": "gpt-*", "upstreams": ["a"], "models": ["gpt-4o", bad]}],
+        "projects": [{"name": "p", "key_sha256": ["0" * 64]}],
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, {})
+    assert info.value.key_path == "routes[0].models[1]"
+    assert bad not in str(info.value)
