@@ -46,6 +46,7 @@ from zrproxy.metrics import NONE, Metrics, status_class
 from zrproxy.routing import Router
 from zrproxy.streaming import relay
 from zrproxy.upstream import Upstreams
+from zrproxy.upstream_health import UpstreamHealth
 from zrproxy.usage import UsageTap
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -109,6 +110,7 @@ class Proxy:
         self._upstreams = upstreams
         self._metrics = metrics
         self._state = state
+        self._health = UpstreamHealth(self._loop.time)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         loop = self._loop
@@ -190,6 +192,8 @@ class Proxy:
         finally:
             bodies.clear()  # the prompt is upstream now; don't hold it while streaming
         ex.upstream = upstream.name
+        if response.status < 500 and response.status != 429:
+            self._health.succeeded(upstream.name)
         if len(upstreams) > 1 and upstream is not upstreams[0]:
             self._metrics.child(self._metrics.failovers, ex.route).inc()
         ex.tap = UsageTap(strip_usage_event=ask_usage and upstream.kind == "openai")
@@ -297,6 +301,7 @@ class Proxy:
 
     def _failed(self, upstream: str, kind: str) -> None:
         self._metrics.child(self._metrics.upstream_errors, upstream, kind).inc()
+        self._health.failed(upstream, kind)
 
     async def _fail(
         self, request: web.BaseRequest, ex: _Exchange, error: ProxyError

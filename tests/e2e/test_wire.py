@@ -4,6 +4,8 @@ API, and the 4xx a refusal gets (permanent refusals are never 503, which SDKs re
 from __future__ import annotations
 
 import json
+import logging
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -159,3 +161,36 @@ async def test_region_refusal_is_403_and_the_sdk_does_not_retry(
     # One refusal counted: the SDK did not retry a permanent refusal (it retries 503s).
     assert await metric(proxy, "zrproxy_rejections_total", reason="region") == 1
     assert mock.stats.started == 0
+
+
+async def test_upstream_failing_and_recovering_is_logged_without_content(
+    mock: Mock, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    proxy = await start_proxy(
+        [
+            {"name": "dead", "kind": "openai", "base_url": f"http://127.0.0.1:{_closed_port()}/v1"},
+            {"name": "mock", "kind": "openai", "base_url": mock.url},
+        ],
+        routes=[
+            {"name": "broken", "model": "x-*", "upstreams": ["dead"]},
+            {"name": "fine", "model": "*", "upstreams": ["mock"]},
+        ],
+    )
+    marker = "zrHEALTH" + new_key()[0]
+    async with aiohttp.ClientSession() as session:
+        for model in ("x-1", "x-2", "mock"):
+            body = {"model": model, "messages": [{"role": "user", "content": marker}]}
+            async with session.post(
+                proxy.url + "/v1/chat/completions", json=body, headers=proxy.auth()
+            ) as resp:
+                await resp.read()
+    health = [r.getMessage() for r in caplog.records if r.name == "zrproxy.upstreams"]
+    assert health == ["upstream dead is failing (connect)"]
+    assert all(marker not in r.getMessage() for r in caplog.records)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -11,7 +11,15 @@ PACKAGE = Path(__file__).resolve().parents[2] / "zrproxy"
 MODULES = {p.stem: p for p in sorted(PACKAGE.glob("*.py"))}
 
 # caches (clears third-party caches that could hold content) is a leaf like these.
-_LEAVES = {"errors", "headers", "metrics", "mock_upstream", "hardening", "caches"}
+_LEAVES = {
+    "errors",
+    "headers",
+    "metrics",
+    "mock_upstream",
+    "hardening",
+    "caches",
+    "upstream_health",
+}
 _BELOW_PROXY = _LEAVES | {
     "config",
     "dialects",
@@ -29,6 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "headers": set(),
     "metrics": set(),
     "mock_upstream": set(),
+    "upstream_health": set(),
     "hardening": {"errors"},
     "config": {"errors"},
     "dialects": {"errors"},
