@@ -19,7 +19,7 @@ M = TypeVar("M", bound=MetricWrapperBase)
 
 NONE = "none"  # label value when a request was rejected before that name was known
 UpstreamErrorKind = Literal["connect", "timeout", "status_429", "status_5xx", "reset"]
-TokenType = Literal["prompt", "completion"]
+TokenType = Literal["prompt", "cache_read", "cache_creation", "completion", "reasoning"]
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 _TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -73,8 +73,8 @@ class Metrics:
         )
         self.tokens = Counter(
             "zrproxy_tokens",
-            "Tokens reported by upstreams' usage data.",
-            ["project", "route", "type"],
+            "Tokens reported by upstreams' usage data; the types are disjoint.",
+            ["project", "route", "upstream", "type"],
             registry=r,
         )
         self.upstream_errors = Counter(

@@ -350,9 +350,8 @@ class Proxy:
             m.child(m.chunks, ex.route).inc(ex.chunks)
         tap = ex.tap
         if tap is not None:
-            if tap.prompt_tokens:
-                m.child(m.tokens, ex.project, ex.route, "prompt").inc(tap.prompt_tokens)
-            if tap.completion_tokens:
-                m.child(m.tokens, ex.project, ex.route, "completion").inc(tap.completion_tokens)
+            for kind, count in tap.tokens().items():
+                if count:
+                    m.child(m.tokens, ex.project, ex.route, ex.upstream, kind).inc(count)
             ex.tap = None
         ex.response = None

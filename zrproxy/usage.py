@@ -30,13 +30,24 @@ _CONTENT_EVENT = b'"choices":[{'
 # An event start longer than this is forwarded even if undecided (never hold much).
 _MAX_HELD = 4096
 _MAX_USAGE_OBJECT = 2048
-_PROMPT_FIELDS = (
+# Top-level usage fields, and the two nested ones: OpenAI's cached input and reasoning
+# output (Chat Completions' *_tokens_details and the Responses API's).
+_FIELDS = (
     "prompt_tokens",
     "input_tokens",
     "cache_creation_input_tokens",
     "cache_read_input_tokens",
+    "completion_tokens",
+    "output_tokens",
 )
-_COMPLETION_FIELDS = ("completion_tokens", "output_tokens")
+_DETAILS = {
+    "prompt_tokens_details": ("cached_tokens", "cached"),
+    "input_tokens_details": ("cached_tokens", "cached"),
+    "completion_tokens_details": ("reasoning_tokens", "reasoning"),
+    "output_tokens_details": ("reasoning_tokens", "reasoning"),
+}
+# The token types counted, disjoint so that their sum is what the upstream billed.
+TOKEN_TYPES = ("prompt", "cache_read", "cache_creation", "completion", "reasoning")
 
 
 def _object_end(buf: bytes, start: int) -> int:
@@ -56,7 +67,7 @@ def _object_end(buf: bytes, start: int) -> int:
 
 
 class UsageTap:
-    """Feed it every chunk in order; read `prompt_tokens` / `completion_tokens` at the end."""
+    """Feed it every chunk in order; read `tokens()` at the end."""
 
     __slots__ = ("_after_newline", "_counts", "_held", "_mid_event", "_pending", "_strip", "_tail")
 
@@ -69,13 +80,28 @@ class UsageTap:
         self._mid_event = False  # strip mode: inside a content event being forwarded
         self._after_newline = False  # ... and the last forwarded byte was a newline
 
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(self._counts.get(f, 0) for f in _PROMPT_FIELDS)
-
-    @property
-    def completion_tokens(self) -> int:
-        return max((self._counts.get(f, 0) for f in _COMPLETION_FIELDS), default=0)
+    def tokens(self) -> dict[str, int]:
+        """Tokens by type (TOKEN_TYPES), each counted once:
+        - prompt: input not read from a cache. OpenAI's prompt/input_tokens include their
+          cached_tokens, which are taken out; Anthropic's input_tokens already exclude
+          its cache tokens.
+        - cache_read: OpenAI's cached_tokens, Anthropic's cache_read_input_tokens.
+        - cache_creation: Anthropic's cache_creation_input_tokens.
+        - completion: output other than reasoning (OpenAI's reasoning_tokens are part of
+          its completion/output_tokens, and are taken out).
+        - reasoning: OpenAI's reasoning_tokens.
+        """
+        c = self._counts
+        cached, reasoning = c.get("cached", 0), c.get("reasoning", 0)
+        prompt = max(c.get("prompt_tokens", 0), c.get("input_tokens", 0))
+        output = max(c.get("completion_tokens", 0), c.get("output_tokens", 0))
+        return {
+            "prompt": max(prompt - cached, 0),
+            "cache_read": cached + c.get("cache_read_input_tokens", 0),
+            "cache_creation": c.get("cache_creation_input_tokens", 0),
+            "completion": max(output - reasoning, 0),
+            "reasoning": reasoning,
+        }
 
     def feed(self, data: bytes) -> bytes:
         """Scan `data` for usage; return the bytes to forward (all of them unless stripping)."""
@@ -142,10 +168,15 @@ class UsageTap:
             usage = None
         if not isinstance(usage, dict):
             return
-        for name in (*_PROMPT_FIELDS, *_COMPLETION_FIELDS):
+        for name in _FIELDS:
             value = usage.get(name)
             if type(value) is int and value >= 0:
                 self._counts[name] = value
+        for name, (field, counted_as) in _DETAILS.items():
+            details = usage.get(name)
+            value = details.get(field) if isinstance(details, dict) else None
+            if type(value) is int and value >= 0:
+                self._counts[counted_as] = value
 
     # --- strip mode: OpenAI stream whose usage event we asked for ---------------------
 

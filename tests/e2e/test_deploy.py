@@ -64,7 +64,7 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "zrproxy_request_bytes_total": ("counter", frozenset({"project", "route"})),
     "zrproxy_response_bytes_total": ("counter", frozenset({"project", "route"})),
     "zrproxy_stream_chunks_total": ("counter", frozenset({"route"})),
-    "zrproxy_tokens_total": ("counter", frozenset({"project", "route", "type"})),
+    "zrproxy_tokens_total": ("counter", frozenset({"project", "route", "upstream", "type"})),
     "zrproxy_upstream_errors_total": ("counter", frozenset({"upstream", "kind"})),
     "zrproxy_failovers_total": ("counter", frozenset({"route"})),
     "zrproxy_client_aborts_total": ("counter", frozenset({"route"})),

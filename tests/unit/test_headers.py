@@ -100,9 +100,9 @@ def test_a_compressed_body_hides_usage_from_the_tap() -> None:
     body = b'{"usage":{"prompt_tokens":3,"completion_tokens":4}}'
     tap = UsageTap()
     tap.feed(gzip.compress(body))
-    assert (tap.prompt_tokens, tap.completion_tokens) == (0, 0)
+    assert (tap.tokens()["prompt"], tap.tokens()["completion"]) == (0, 0)
     tap.feed(body)
-    assert (tap.prompt_tokens, tap.completion_tokens) == (3, 4)
+    assert (tap.tokens()["prompt"], tap.tokens()["completion"]) == (3, 4)
 
 
 def test_injected_headers_override_client_ones() -> None:

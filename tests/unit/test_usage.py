@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zrproxy.usage import UsageTap
+from zrproxy.usage import TOKEN_TYPES, UsageTap
 
 # Text a model could well produce: none of it may be counted or stripped.
 TRICKY = [
@@ -31,6 +31,11 @@ tokens = st.integers(min_value=0, max_value=10**6)
 settings.register_profile("usage", max_examples=300, deadline=None)
 
 
+def prompt_completion(tap: UsageTap) -> tuple[int, int]:
+    tokens = tap.tokens()
+    return tokens["prompt"], tokens["completion"]
+
+
 def sse(payload: object) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
@@ -48,8 +53,8 @@ def openai_events(texts: list[str], prompt: int, completion: int) -> list[bytes]
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": 1, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 2, "audio_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
     }
     usage_event = sse({**base, "choices": [], "usage": usage})
     events = [chunk({"role": "assistant", "content": ""})]
@@ -131,7 +136,7 @@ def test_openai_stream_pass_through(
     stream, _ = openai_stream(texts, prompt, completion)
     tap = UsageTap()
     assert run(tap, pieces(stream, split_points(data, len(stream)))) == stream
-    assert (tap.prompt_tokens, tap.completion_tokens) == (prompt, completion)
+    assert prompt_completion(tap) == (prompt, completion)
 
 
 @settings(settings.get_profile("usage"))
@@ -143,7 +148,7 @@ def test_openai_stream_strip(
     tap = UsageTap(strip_usage_event=True)
     out = run(tap, pieces(stream, split_points(data, len(stream))))
     assert out == stream.replace(usage_event, b"")
-    assert (tap.prompt_tokens, tap.completion_tokens) == (prompt, completion)
+    assert prompt_completion(tap) == (prompt, completion)
 
 
 @settings(settings.get_profile("usage"))
@@ -178,7 +183,7 @@ def test_usage_object_split_at_every_byte(strip: bool) -> None:
     for cut in range(start - 1, start + len(usage_event) + 2):
         tap = UsageTap(strip_usage_event=strip)
         assert run(tap, [stream[:cut], stream[cut:]]) == expected, cut
-        assert (tap.prompt_tokens, tap.completion_tokens) == (12, 34), cut
+        assert prompt_completion(tap) == (12, 34), cut
 
 
 @pytest.mark.parametrize("strip", [False, True])
@@ -187,7 +192,7 @@ def test_usage_stream_byte_by_byte(strip: bool) -> None:
     tap = UsageTap(strip_usage_event=strip)
     out = run(tap, [stream[i : i + 1] for i in range(len(stream))])
     assert out == (stream.replace(usage_event, b"") if strip else stream)
-    assert (tap.prompt_tokens, tap.completion_tokens) == (7, 8)
+    assert prompt_completion(tap) == (7, 8)
 
 
 def test_stream_without_usage_counts_nothing() -> None:
@@ -196,7 +201,7 @@ def test_stream_without_usage_counts_nothing() -> None:
     for strip in (False, True):
         tap = UsageTap(strip_usage_event=strip)
         assert run(tap, pieces(stream, list(range(0, len(stream), 7)))) == stream
-        assert (tap.prompt_tokens, tap.completion_tokens) == (0, 0)
+        assert prompt_completion(tap) == (0, 0)
 
 
 def test_strip_keeps_a_usage_event_that_carries_content() -> None:
@@ -265,8 +270,9 @@ def test_anthropic_stream_pass_through(
     stream = anthropic_stream(texts, prompt, cached, completion)
     tap = UsageTap()
     assert run(tap, pieces(stream, split_points(data, len(stream)))) == stream
-    # Prompt tokens include cache reads; message_delta's output count replaces the 1.
-    assert (tap.prompt_tokens, tap.completion_tokens) == (prompt + cached, completion)
+    # Cache reads are their own type; message_delta's output count replaces the 1.
+    assert prompt_completion(tap) == (prompt, completion)
+    assert tap.tokens()["cache_read"] == cached
 
 
 # --- non-stream bodies ----------------------------------------------------------------
@@ -322,22 +328,22 @@ def test_pretty_printed_json_body(
     assert b'"usage": {\n' in body  # whitespace after the colon
     tap = UsageTap()
     assert run(tap, pieces(body, split_points(data, len(body)))) == body
-    assert (tap.prompt_tokens, tap.completion_tokens) == (prompt, completion)
+    assert prompt_completion(tap) == (prompt, completion)
 
 
 def test_usage_null_and_other_keys_are_ignored() -> None:
     tap = UsageTap()
     body = b'{"x_usage":{"prompt_tokens":9},"usage":null,"usages":{"prompt_tokens":9}}'
     assert tap.feed(body) == body
-    assert (tap.prompt_tokens, tap.completion_tokens) == (0, 0)
+    assert prompt_completion(tap) == (0, 0)
 
 
 def test_malformed_usage_values_are_ignored() -> None:
     tap = UsageTap()
     tap.feed(b'{"usage":{"prompt_tokens":-1,"completion_tokens":"5","output_tokens":true}}')
-    assert (tap.prompt_tokens, tap.completion_tokens) == (0, 0)
+    assert prompt_completion(tap) == (0, 0)
     tap.feed(b'{"usage":{"prompt_tokens":4,"completion_tokens":2.5}}')
-    assert (tap.prompt_tokens, tap.completion_tokens) == (4, 0)
+    assert prompt_completion(tap) == (4, 0)
 
 
 def test_close_drops_partial_state() -> None:
@@ -345,3 +351,64 @@ def test_close_drops_partial_state() -> None:
     assert tap.feed(b'data: {"choices":[],"usage":{"prompt_to') == b""
     tap.close()
     assert tap.flush() == b""
+
+
+# --- token types a finance team can use ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        # Chat Completions: cached_tokens are part of prompt_tokens, reasoning_tokens part
+        # of completion_tokens; each is counted once, as its own type.
+        (
+            {
+                "prompt_tokens": 100,
+                "completion_tokens": 50,
+                "total_tokens": 150,
+                "prompt_tokens_details": {"cached_tokens": 30, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 20, "audio_tokens": 0},
+            },
+            {
+                "prompt": 70,
+                "cache_read": 30,
+                "cache_creation": 0,
+                "completion": 30,
+                "reasoning": 20,
+            },
+        ),
+        # The Responses API spells them input/output.
+        (
+            {
+                "input_tokens": 10,
+                "input_tokens_details": {"cached_tokens": 4},
+                "output_tokens": 9,
+                "output_tokens_details": {"reasoning_tokens": 5},
+                "total_tokens": 19,
+            },
+            {"prompt": 6, "cache_read": 4, "cache_creation": 0, "completion": 4, "reasoning": 5},
+        ),
+        # Anthropic: input_tokens already exclude both cache counts.
+        (
+            {
+                "input_tokens": 12,
+                "cache_creation_input_tokens": 7,
+                "cache_read_input_tokens": 3,
+                "output_tokens": 8,
+            },
+            {"prompt": 12, "cache_read": 3, "cache_creation": 7, "completion": 8, "reasoning": 0},
+        ),
+        # Details that are null or malformed count as absent.
+        (
+            {"prompt_tokens": 5, "completion_tokens": 2, "prompt_tokens_details": None},
+            {"prompt": 5, "cache_read": 0, "cache_creation": 0, "completion": 2, "reasoning": 0},
+        ),
+    ],
+)
+def test_token_types_are_disjoint(usage: dict[str, object], expected: dict[str, int]) -> None:
+    tap = UsageTap()
+    body = json.dumps({"id": "x", "usage": usage}).encode()
+    for i in range(0, len(body), 7):  # split anywhere: the object is found across chunks
+        tap.feed(body[i : i + 7])
+    assert tap.tokens() == expected
+    assert tuple(expected) == TOKEN_TYPES
