@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zrproxy"
 MODULES = {p.stem: p for p in sorted(PACKAGE.glob("*.py"))}
 
 # caches (clears third-party caches that could hold content) is a leaf like these.
-_LEAVES = {"errors", "headers", "metrics", "mock_upstream", "hardening", "caches"}
+_LEAVES = {"errors", "headers", "metrics", "mock_upstream", "hardening", "caches", "logs"}
 _BELOW_PROXY = _LEAVES | {
     "config",
     "dialects",
@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": set(),
     "mock_upstream": set(),
     "hardening": {"errors"},
+    "logs": set(),
     "config": {"errors"},
     "dialects": {"errors"},
     "usage": set(),
@@ -39,8 +40,8 @@ ALLOWED: dict[str, set[str]] = {
     "streaming": {"usage", "errors"},
     "proxy": _BELOW_PROXY,
     "app": {"proxy", "upstream", "metrics", "config", "errors"},
-    "workers": {"app", "proxy", "config", "metrics", "errors"},
-    "cli": set(MODULES) - {"cli", "__main__", "__init__"},
+    "workers": {"app", "proxy", "config", "metrics", "errors", "logs"},
+    "cli": set(MODULES) - {"cli", "__main__"},
     "__main__": {"cli"},
 }
 

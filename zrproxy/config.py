@@ -20,6 +20,8 @@ from zrproxy.errors import ConfigError
 
 UpstreamKind = Literal["openai", "anthropic"]
 UPSTREAM_KINDS: tuple[UpstreamKind, ...] = ("openai", "anthropic")
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 # Overrides may add fields (store, metadata policy, ...) but not change what is asked.
 _PROTECTED_BODY_KEYS = frozenset({"model", "stream", "messages", "input", "prompt"})
 
@@ -47,6 +49,7 @@ class ServerConfig:
     mlock: bool = False
     scrub_memory: bool = False
     workers: int = 1
+    log_format: LogFormat = "text"
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +212,14 @@ def _base_url(path: str, value: object) -> str:
     return text
 
 
+def _log_format(path: str, value: object) -> LogFormat:
+    text = _str(path, value)
+    for known in LOG_FORMATS:
+        if text == known:
+            return known
+    raise ConfigError(path, "must be 'text' or 'json'")
+
+
 def _glob(path: str, value: object) -> str:
     text = _str(path, value)
     if len(text) > 200:
@@ -267,6 +278,7 @@ def _server(table: _Table) -> ServerConfig:
         mlock=table.take("mlock", _bool, d.mlock),
         scrub_memory=table.take("scrub_memory", _bool, d.scrub_memory),
         workers=table.take("workers", _positive_int, d.workers),
+        log_format=table.take("log_format", _log_format, d.log_format),
     )
     table.finish()
     if server.listen == server.admin_listen and server.listen.port != 0:
