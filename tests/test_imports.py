@@ -41,6 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "proxy": _BELOW_PROXY,
     "app": {"proxy", "upstream", "metrics", "config", "errors"},
     "workers": {"app", "proxy", "config", "metrics", "errors", "logs"},
+    "checks": {"config"},
     "cli": set(MODULES) - {"cli", "__main__"},
     "__main__": {"cli"},
 }

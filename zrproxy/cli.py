@@ -10,14 +10,17 @@ import argparse
 import dataclasses
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from zrproxy import __version__, hardening, logs, mock_upstream
 from zrproxy.app import Service, run_loop, settle_heap, stop_requested
-from zrproxy.auth import new_key
+from zrproxy.auth import key_digest, new_key
+from zrproxy.checks import config_warnings
 from zrproxy.config import (
+    PLACEHOLDER_ENV,
     Config,
     embedded_default,
     load_config,
@@ -79,13 +82,24 @@ def _parser() -> argparse.ArgumentParser:
         "stderr (exit 0), or every error found (exit 2). Errors name the key, never its value.",
     )
     check.add_argument("file", help="the TOML config file")
+    check.add_argument(
+        "--no-env",
+        action="store_true",
+        help="do not require the api_key_env variables to be set (for CI without secrets)",
+    )
     keygen = commands.add_parser(
         "keygen",
         help="make a client API key and its key_sha256",
         description="Print a new random client API key once, and the key_sha256 line for "
-        "its [[projects]] entry. The config holds only the digest.",
+        "its [[projects]] entry. The config holds only the digest. With --hash, read an "
+        "existing key on stdin instead and print only its key_sha256.",
     )
     keygen.add_argument("--project", default="my-project", help="project name for the hint")
+    keygen.add_argument(
+        "--hash",
+        action="store_true",
+        help="read an existing key on stdin and print its key_sha256 (the key is not echoed)",
+    )
     mock = commands.add_parser(
         "mock-upstream",
         help="run the bundled mock upstream on its own",
@@ -101,14 +115,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup()
     try:
         if args.command == "check-config":
-            return _check_config(args.file)
+            return _check_config(args.file, args.no_env)
         if args.command == "keygen":
-            return _keygen(args.project)
+            return _hash_key() if args.hash else _keygen(args.project)
         if args.command == "mock-upstream":
             return mock_upstream.main(["--listen", args.listen])
         return _serve(args, argv)
     except ConfigError as exc:
-        sys.stderr.write(f"config error: {exc}\n")
+        for error in getattr(exc, "errors", (exc,)):
+            sys.stderr.write(f"config error: {error}\n")
         return 2
     except (StartupError, hardening.HardeningError) as exc:
         sys.stderr.write(f"startup error: {exc}\n")
@@ -120,8 +135,14 @@ def run() -> None:
     raise SystemExit(main())
 
 
-def _check_config(path: str) -> int:
-    config = load_config(path)
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _check_config(path: str, no_env: bool) -> int:
+    config = load_config(path, PLACEHOLDER_ENV if no_env else None)
+    for warning in config_warnings(config, _cpus()):
+        sys.stderr.write(f"warning: {warning}\n")
     lines = [
         f"config ok: {path}",
         f"  listen {config.server.listen}, admin {config.server.admin_listen}",
@@ -130,6 +151,16 @@ def _check_config(path: str) -> int:
         f"  {len(config.projects)} projects: " + ", ".join(p.name for p in config.projects),
     ]
     sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _hash_key() -> int:
+    """`keygen --hash`: the key_sha256 of a key read on stdin (one line; never echoed)."""
+    key = sys.stdin.readline().strip()
+    if not key:
+        sys.stderr.write("keygen --hash: no key on stdin\n")
+        return 2
+    sys.stdout.write(f'key_sha256 = ["{key_digest(key)}"]\n')
     return 0
 
 
@@ -170,6 +201,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     config = _with(load_config(args.config), changes) if args.config else None
     if config is not None:
         logs.setup(config.server.log_format)
+        for warning in config_warnings(config, _cpus()):
+            log.warning("config: %s", warning)
     scrub = args.scrub_memory or (config is not None and config.server.scrub_memory)
     if scrub and not hardening.is_scrubbed(environ):
         log.info("scrub mode: restarting with a wiping allocator")
