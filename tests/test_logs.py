@@ -123,3 +123,26 @@ def test_exceptions_are_logged_by_type_only(capsys: pytest.CaptureFixture[str]) 
             root.removeHandler(handler)
         for handler in saved:
             root.addHandler(handler)
+
+
+def test_mlock_is_reported_when_memory_is_locked(tmp_path: Path) -> None:
+    proc = LoggedProcess(
+        [
+            sys.executable,
+            "-m",
+            "zrproxy",
+            "serve",
+            "--config",
+            str(write_config(tmp_path, mlock=True)),
+        ]
+    )
+    try:
+        try:
+            proc.wait_for("zrproxy ready", 90)
+        except AssertionError:
+            if "memory locking was refused" in proc.output():
+                pytest.skip("this process may not lock its memory (RLIMIT_MEMLOCK, CAP_IPC_LOCK)")
+            raise
+    finally:
+        proc.stop()
+    assert "hardening: core dumps off, dumpable off, mlock on, scrub mode off" in proc.output()
