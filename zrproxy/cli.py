@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import getpass
 import logging
 import os
 import sys
@@ -156,7 +157,8 @@ def _check_config(path: str, no_env: bool) -> int:
 
 def _hash_key() -> int:
     """`keygen --hash`: the key_sha256 of a key read on stdin (one line; never echoed)."""
-    key = sys.stdin.readline().strip()
+    # At a terminal, read without echo: the key should not stay on the screen either.
+    key = (getpass.getpass("key: ") if sys.stdin.isatty() else sys.stdin.readline()).strip()
     if not key:
         sys.stderr.write("keygen --hash: no key on stdin\n")
         return 2
