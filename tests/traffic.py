@@ -31,10 +31,11 @@ def retention_config(mock_url: str, key_sha256: str) -> dict[str, Any]:
         "upstreams": [
             {"name": "dead", "kind": "openai", "base_url": f"http://127.0.0.1:{dead_port}/v1"},
             {"name": "mock", "kind": "openai", "base_url": mock_url},
+            {"name": "mock-anthropic", "kind": "anthropic", "base_url": mock_url},
         ],
         "routes": [
             {"model": "failover-*", "upstreams": ["dead", "mock"]},
-            {"model": "mock*", "upstreams": ["mock"]},
+            {"model": "mock*", "upstreams": ["mock", "mock-anthropic"]},
         ],
         "projects": [{"name": "acme", "key_sha256": [key_sha256]}],
     }

@@ -18,7 +18,10 @@ from typing import Any
 
 import prometheus_client
 import uvloop
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
@@ -87,6 +90,18 @@ class _ContentFreeRequestHandler(RequestHandler):
         pass  # aiohttp's debug lines carry exceptions whose text may quote request bytes
 
 
+def _drop_server_header(response: web.StreamResponse) -> None:
+    # aiohttp adds `Server: Python/3.x aiohttp/3.x` to every response; it tells a scanner
+    # which CVEs to try and nothing a client needs.
+    response.headers.popall(hdrs.SERVER, None)
+
+
+class _ApiRequest(web.BaseRequest):
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        # Runs after aiohttp has filled in its default headers, before they are written.
+        _drop_server_header(response)
+
+
 class _ApiServer(web.Server):
     def __init__(self, *args: Any, on_bad_request: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -94,6 +109,16 @@ class _ApiServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         return _ContentFreeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        return _ApiRequest(message, payload, protocol, writer, task, self._loop)
 
 
 class Service:
@@ -235,7 +260,11 @@ def admin_app(state: ServiceState, registry: CollectorRegistry) -> web.Applicati
             return web.Response(text="ready\n")
         return web.Response(status=503, text="draining\n" if state.draining else "starting\n")
 
+    async def no_server_header(_request: web.Request, response: web.StreamResponse) -> None:
+        _drop_server_header(response)
+
     app = web.Application()
+    app.on_response_prepare.append(no_server_header)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -15,10 +15,15 @@ from zrproxy.config import ProjectConfig
 from zrproxy.errors import InvalidAuth
 
 
+def key_digest(key: str) -> str:
+    """The SHA-256 hex digest of a key as presented, the form `key_sha256` holds."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def new_key() -> tuple[str, str]:
     """A new random API key and its SHA-256 hex digest (for `key_sha256`)."""
     key = "zr-" + secrets.token_urlsafe(32)
-    return key, hashlib.sha256(key.encode()).hexdigest()
+    return key, key_digest(key)
 
 
 def presented_key(headers: CIMultiDictProxy[str]) -> str | None:

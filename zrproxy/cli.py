@@ -1,6 +1,7 @@
 """The `zrproxy` command: serve, check-config, keygen, mock-upstream.
 
-`main(argv) -> int` is the whole program, so tests run it in-process.
+`main(argv) -> int` is the whole program, so tests run it in-process. The texts `--help`
+shows are written for users (`_DESCRIPTION`, `_EPILOG`), not taken from this docstring.
 """
 
 from __future__ import annotations
@@ -8,15 +9,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import getpass
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from zrproxy import hardening, mock_upstream
+from zrproxy import __version__, hardening, logs, mock_upstream
 from zrproxy.app import Service, run_loop, settle_heap, stop_requested
-from zrproxy.auth import new_key
+from zrproxy.auth import key_digest, new_key
+from zrproxy.checks import config_warnings
 from zrproxy.config import (
+    PLACEHOLDER_ENV,
     Config,
     embedded_default,
     load_config,
@@ -29,42 +34,97 @@ from zrproxy.workers import Supervisor
 log = logging.getLogger("zrproxy")
 
 
+_DESCRIPTION = """\
+zrproxy is a streaming reverse proxy for LLM APIs (OpenAI and Anthropic style) that
+keeps no content: prompts and completions pass through memory only, and are never
+logged or written to disk. Clients use their zrproxy key; the proxy adds the
+provider's key, picks the upstream by model, and fails over before the first byte."""
+
+_EPILOG = """\
+examples:
+  zrproxy serve                          a demo: bundled mock upstream, prints a key
+                                         and a curl command to try
+  zrproxy keygen --project acme          a new client key and its key_sha256 line
+  zrproxy check-config config.toml       every error and warning in a config file
+  zrproxy check-config --no-env config.toml
+                                         the same, without the provider keys (CI)
+  OPENAI_API_KEY=sk-... zrproxy serve --config config.toml
+
+The README describes every config key; `zrproxy COMMAND --help` the options of each
+command."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zrproxy", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the proxy")
+    parser = argparse.ArgumentParser(
+        prog="zrproxy",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"zrproxy {__version__}")
+    commands = parser.add_subparsers(
+        title="commands", dest="command", required=True, metavar="COMMAND"
+    )
+    serve = commands.add_parser(
+        "serve",
+        help="run the proxy (no --config: a demo on a bundled mock)",
+        description="Run the proxy. Without --config it serves an embedded demo config "
+        "that sends every model to a bundled mock upstream and prints a fresh demo key.",
+    )
     serve.add_argument("--config", help="TOML config file (default: embedded demo config)")
     serve.add_argument("--listen", help="override server.listen (HOST:PORT)")
     serve.add_argument("--admin-listen", help="override server.admin_listen (HOST:PORT)")
     serve.add_argument("--workers", type=int, help="override server.workers")
     serve.add_argument("--scrub-memory", action="store_true", help="set server.scrub_memory")
-    check = commands.add_parser("check-config", help="validate a config file")
-    check.add_argument("file")
-    keygen = commands.add_parser("keygen", help="print a new API key and its key_sha256")
-    keygen.add_argument("--project", default="my-project")
-    mock = commands.add_parser("mock-upstream", help="run the bundled mock upstream")
-    mock.add_argument("--listen", default="127.0.0.1:9999")
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config: every error and warning",
+        description="Validate a config file. Prints a summary on stdout and warnings on "
+        "stderr (exit 0), or every error found (exit 2). Errors name the key, never its value.",
+    )
+    check.add_argument("file", help="the TOML config file")
+    check.add_argument(
+        "--no-env",
+        action="store_true",
+        help="do not require the api_key_env variables to be set (for CI without secrets)",
+    )
+    keygen = commands.add_parser(
+        "keygen",
+        help="make a client API key and its key_sha256",
+        description="Print a new random client API key once, and the key_sha256 line for "
+        "its [[projects]] entry. The config holds only the digest. With --hash, read an "
+        "existing key on stdin instead and print only its key_sha256.",
+    )
+    keygen.add_argument("--project", default="my-project", help="project name for the hint")
+    keygen.add_argument(
+        "--hash",
+        action="store_true",
+        help="read an existing key on stdin and print its key_sha256 (the key is not echoed)",
+    )
+    mock = commands.add_parser(
+        "mock-upstream",
+        help="run the bundled mock upstream on its own",
+        description="Run the bundled mock upstream on its own, for trying zrproxy out.",
+    )
+    mock.add_argument("--listen", default="127.0.0.1:9999", help="HOST:PORT to listen on")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup()
     try:
         if args.command == "check-config":
-            return _check_config(args.file)
+            return _check_config(args.file, args.no_env)
         if args.command == "keygen":
-            return _keygen(args.project)
+            return _hash_key() if args.hash else _keygen(args.project)
         if args.command == "mock-upstream":
             return mock_upstream.main(["--listen", args.listen])
         return _serve(args, argv)
     except ConfigError as exc:
-        sys.stderr.write(f"config error: {exc}\n")
+        for error in getattr(exc, "errors", (exc,)):
+            sys.stderr.write(f"config error: {error}\n")
         return 2
     except (StartupError, hardening.HardeningError) as exc:
         sys.stderr.write(f"startup error: {exc}\n")
@@ -76,8 +136,14 @@ def run() -> None:
     raise SystemExit(main())
 
 
-def _check_config(path: str) -> int:
-    config = load_config(path)
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _check_config(path: str, no_env: bool) -> int:
+    config = load_config(path, PLACEHOLDER_ENV if no_env else None)
+    for warning in config_warnings(config, _cpus()):
+        sys.stderr.write(f"warning: {warning}\n")
     lines = [
         f"config ok: {path}",
         f"  listen {config.server.listen}, admin {config.server.admin_listen}",
@@ -86,6 +152,17 @@ def _check_config(path: str) -> int:
         f"  {len(config.projects)} projects: " + ", ".join(p.name for p in config.projects),
     ]
     sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _hash_key() -> int:
+    """`keygen --hash`: the key_sha256 of a key read on stdin (one line; never echoed)."""
+    # At a terminal, read without echo: the key should not stay on the screen either.
+    key = (getpass.getpass("key: ") if sys.stdin.isatty() else sys.stdin.readline()).strip()
+    if not key:
+        sys.stderr.write("keygen --hash: no key on stdin\n")
+        return 2
+    sys.stdout.write(f'key_sha256 = ["{key_digest(key)}"]\n')
     return 0
 
 
@@ -124,6 +201,10 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     # Every mistake is reported before the process changes anything about itself.
     changes = _server_overrides(args)
     config = _with(load_config(args.config), changes) if args.config else None
+    if config is not None:
+        logs.setup(config.server.log_format)
+        for warning in config_warnings(config, _cpus()):
+            log.warning("config: %s", warning)
     scrub = args.scrub_memory or (config is not None and config.server.scrub_memory)
     if scrub and not hardening.is_scrubbed(environ):
         log.info("scrub mode: restarting with a wiping allocator")
@@ -142,6 +223,7 @@ def _harden(mlock: bool) -> None:
         hardening.lock_memory()
     elif hardening.swap_enabled():
         log.warning("swap is on and server.mlock is off: in-flight requests may be swapped to disk")
+    log.info(hardening.summary(hardening.is_scrubbed(process_environment())))
 
 
 async def _serve_config(

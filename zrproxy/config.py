@@ -8,19 +8,22 @@ never quotes a value that could be a secret.
 from __future__ import annotations
 
 import datetime
+import difflib
 import fnmatch
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from zrproxy.errors import ConfigError
+from zrproxy.errors import ConfigError, ConfigErrors
 
 UpstreamKind = Literal["openai", "anthropic"]
 UPSTREAM_KINDS: tuple[UpstreamKind, ...] = ("openai", "anthropic")
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 # Overrides may add fields (store, metadata policy, ...) but not change what is asked.
 _PROTECTED_BODY_KEYS = frozenset({"model", "stream", "messages", "input", "prompt"})
 
@@ -48,6 +51,7 @@ class ServerConfig:
     mlock: bool = False
     scrub_memory: bool = False
     workers: int = 1
+    log_format: LogFormat = "text"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +138,24 @@ def process_environment() -> Mapping[str, str]:
     return os.environ
 
 
+class _EveryVariableSet(Mapping[str, str]):
+    """An environment in which every variable is set, to a placeholder (`--no-env`)."""
+
+    def __getitem__(self, name: str) -> str:
+        return "placeholder-not-read-from-the-environment"
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+# For validating a config without the provider secrets (CI): api_key_env must still be
+# a valid name, but its variable need not exist. Never serve with it.
+PLACEHOLDER_ENV: Mapping[str, str] = _EveryVariableSet()
+
+
 def export_metrics_dir(path: str) -> None:
     """Tell prometheus-client in processes started from now on where multiprocess
     metrics live (it reads PROMETHEUS_MULTIPROC_DIR before creating its first metric)."""
@@ -172,30 +194,46 @@ D = TypeVar("D")
 
 
 class _Table:
-    """One TOML table being read: takes keys off it and complains about leftovers."""
+    """One TOML table being read: takes keys off it and complains about leftovers.
+
+    A bad optional value is recorded in `errors` (the default stands in for it) so one
+    pass finds every mistake; a missing or bad required value raises at once.
+    """
 
     def __init__(self, path: str, data: object) -> None:
         if not isinstance(data, dict):
             raise ConfigError(path, "must be a table")
         self.path = path
         self._data: dict[str, Any] = dict(data)
+        self._known: list[str] = []
+        self.errors: list[ConfigError] = []
 
     def key(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
 
     def take(self, name: str, kind: Callable[[str, object], T], default: D) -> T | D:
+        self._known.append(name)
         if name not in self._data:
             return default
-        return kind(self.key(name), self._data.pop(name))
+        try:
+            return kind(self.key(name), self._data.pop(name))
+        except ConfigError as exc:
+            self.errors.append(exc)
+            return default
 
     def require(self, name: str, kind: Callable[[str, object], T]) -> T:
+        self._known.append(name)
         if name not in self._data:
-            raise ConfigError(self.key(name), "is required")
+            close = difflib.get_close_matches(name, list(self._data), n=1, cutoff=0.6)
+            hint = f" (is '{close[0]}' a misspelling of it?)" if close else ""
+            raise ConfigError(self.key(name), "is required" + hint)
         return kind(self.key(name), self._data.pop(name))
 
     def finish(self) -> None:
         for name in self._data:
-            raise ConfigError(self.key(name), "unknown key")
+            close = difflib.get_close_matches(name, self._known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            self.errors.append(ConfigError(self.key(name), "unknown key" + hint))
 
 
 def _str(path: str, value: object) -> str:
@@ -247,6 +285,23 @@ def _base_url(path: str, value: object) -> str:
             path, "must be an http:// or https:// URL without credentials, query or fragment"
         )
     return text
+
+
+def _log_format(path: str, value: object) -> LogFormat:
+    text = _str(path, value)
+    for known in LOG_FORMATS:
+        if text == known:
+            return known
+    raise ConfigError(path, "must be 'text' or 'json'")
+
+
+def _env_name(path: str, value: object) -> str:
+    # Checked before anything prints it: a key pasted here must not end up in a log.
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Z_][A-Z0-9_]{0,127}", value):
+        raise ConfigError(
+            path, "must be the NAME of an environment variable ([A-Z_][A-Z0-9_]*), not a key"
+        )
+    return value
 
 
 def _glob(path: str, value: object) -> str:
@@ -307,6 +362,7 @@ def _server(table: _Table) -> ServerConfig:
         mlock=table.take("mlock", _bool, d.mlock),
         scrub_memory=table.take("scrub_memory", _bool, d.scrub_memory),
         workers=table.take("workers", _positive_int, d.workers),
+        log_format=table.take("log_format", _log_format, d.log_format),
     )
     table.finish()
     if server.listen == server.admin_listen and server.listen.port != 0:
@@ -320,7 +376,7 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
     if kind not in UPSTREAM_KINDS:
         raise ConfigError(table.key("kind"), "must be 'openai' or 'anthropic'")
     base_url = table.require("base_url", _base_url)
-    api_key_env = table.take("api_key_env", _str, None)
+    api_key_env = table.take("api_key_env", _env_name, None)
     api_key = None
     if api_key_env is not None:
         api_key = environ.get(api_key_env)
@@ -452,44 +508,111 @@ def _subprocessor(table: _Table) -> SubprocessorConfig:
     return sub
 
 
+class _Collected:
+    """The errors of one parse, from every table and every cross-check."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def table(self, table: _Table, parse: Callable[[_Table], T]) -> T | None:
+        failure: ConfigError | None = None
+        try:
+            result: T | None = parse(table)
+        except ConfigError as exc:
+            failure, result = exc, None
+        self.errors += table.errors
+        if failure is not None:
+            self.errors.append(failure)
+        return result
+
+    def check(self, check: Callable[[], None]) -> None:
+        try:
+            check()
+        except ConfigError as exc:
+            self.errors.append(exc)
+
+    def about(self, key: str) -> bool:
+        return any(e.key_path == key or e.key_path.startswith(key + "[") for e in self.errors)
+
+
+def _as_written(data: Mapping[str, Any], key: str, field: str) -> set[str]:
+    """`field` of the tables under `key` as written, parsed or not: a reference to a table
+    that failed to parse is not a second mistake."""
+    tables = data.get(key)
+    if not isinstance(tables, list):
+        return set()
+    return {t[field] for t in tables if isinstance(t, dict) and isinstance(t.get(field), str)}
+
+
 def parse_config(data: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
-    """Validate parsed TOML data; `environ` supplies upstream API keys."""
+    """Validate parsed TOML data; `environ` supplies upstream API keys.
+
+    Raises one ConfigError, or ConfigErrors carrying every mistake found.
+    """
+    found = _Collected()
     top = _Table("", data)
-    server = _server(_Table("server", top.take("server", _any, {})))
-    upstreams = [_upstream(t, environ) for t in top.take("upstreams", _tables, [])]
-    if not upstreams:
-        raise ConfigError("upstreams", "at least one [[upstreams]] is required")
-    _unique("upstreams", [u.name for u in upstreams], "name")
-    names = {u.name for u in upstreams}
-    routes = [_route(t, names) for t in top.take("routes", _tables, [])]
-    if not routes:
-        raise ConfigError("routes", "at least one [[routes]] is required")
-    _unique("routes", [r.name for r in routes], "name")
-    projects = [_project(t) for t in top.take("projects", _tables, [])]
-    if not projects:
-        raise ConfigError("projects", "at least one [[projects]] is required")
-    _unique("projects", [p.name for p in projects], "name")
+
+    def tables(key: str, parse: Callable[[_Table], T]) -> list[T]:
+        listed = top.take(key, _tables, [])
+        found.errors += top.errors
+        top.errors.clear()
+        parsed = [found.table(t, parse) for t in listed]
+        if not listed and not found.about(key):
+            found.errors.append(ConfigError(key, f"at least one [[{key}]] is required"))
+        return [p for p in parsed if p is not None]
+
+    server: ServerConfig | None = None
+    try:
+        server_table = _Table("server", top.take("server", _any, {}))
+    except ConfigError as exc:
+        found.errors.append(exc)
+    else:
+        server = found.table(server_table, _server)
+    upstreams = tables("upstreams", lambda t: _upstream(t, environ))
+    found.check(lambda: _unique("upstreams", [u.name for u in upstreams], "name"))
+    names = {u.name for u in upstreams} | _as_written(data, "upstreams", "name")
+    routes = tables("routes", lambda t: _route(t, names))
+    found.check(lambda: _unique("routes", [r.name for r in routes], "name"))
+    projects = tables("projects", _project)
+    found.check(lambda: _unique("projects", [p.name for p in projects], "name"))
     seen: dict[bytes, str] = {}
     for i, project in enumerate(projects):
         for j, digest in enumerate(project.key_sha256):
             if digest in seen:
-                raise ConfigError(
-                    f"projects[{i}].key_sha256[{j}]", f"key already belongs to '{seen[digest]}'"
-                )
+                problem = f"key already belongs to '{seen[digest]}'"
+                found.errors.append(ConfigError(f"projects[{i}].key_sha256[{j}]", problem))
             seen[digest] = project.name
-    regions = {u.region for u in upstreams if u.region}
+    regions = {u.region for u in upstreams if u.region} | _as_written(data, "upstreams", "region")
     for i, project in enumerate(projects):
         for j, region in enumerate(project.regions or ()):
             if region not in regions:
-                raise ConfigError(f"projects[{i}].regions[{j}]", f"no upstream in '{region}'")
-    subprocessors = [_subprocessor(t) for t in top.take("subprocessors", _tables, [])]
-    _unique("subprocessors", [s.name for s in subprocessors], "name")
+                problem = f"no upstream in '{region}'"
+                found.errors.append(ConfigError(f"projects[{i}].regions[{j}]", problem))
+    listed = top.take("subprocessors", _tables, [])
+    found.errors += top.errors
+    top.errors.clear()
+    parsed = [found.table(t, _subprocessor) for t in listed]
+    subprocessors = [sub for sub in parsed if sub is not None]
+    found.check(lambda: _unique("subprocessors", [s.name for s in subprocessors], "name"))
+    audit: AuditConfig | None = None
     audit_table = top.take("audit", _any, None)
-    audit = None if audit_table is None else _audit(_Table("audit", audit_table))
+    if audit_table is not None:
+        try:
+            table = _Table("audit", audit_table)
+        except ConfigError as exc:
+            found.errors.append(exc)
+        else:
+            audit = found.table(table, _audit)
     for i, project in enumerate(projects):
-        if project.audit_log is not None and audit is None:
-            raise ConfigError(f"projects[{i}].audit_log", "needs an [audit] table with dir")
+        if project.audit_log is not None and audit is None and audit_table is None:
+            found.errors.append(
+                ConfigError(f"projects[{i}].audit_log", "needs an [audit] table with dir")
+            )
     top.finish()
+    found.errors += top.errors
+    if found.errors:
+        raise found.errors[0] if len(found.errors) == 1 else ConfigErrors(found.errors)
+    assert server is not None
     return Config(
         server, tuple(upstreams), tuple(routes), tuple(projects), tuple(subprocessors), audit
     )

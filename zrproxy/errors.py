@@ -5,6 +5,7 @@ and the only variable parts are names taken from the config (key paths, upstream
 
     ZrproxyError
     ├── ConfigError(key_path, problem)      operator mistake, exit 2
+    │   └── ConfigErrors(errors)            several of them, all found in one pass
     ├── StartupError(message)               the process cannot start as configured
     └── ProxyError                          rendered to the client by `dialects`
         ├── MalformedJSON        400
@@ -65,6 +66,15 @@ class ConfigError(ZrproxyError):
         super().__init__(f"{key_path}: {problem}")
         self.key_path = key_path
         self.problem = problem
+
+
+class ConfigErrors(ConfigError):
+    """Several config mistakes, all reported at once; `key_path`/`problem` are the first's."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        super().__init__(errors[0].key_path, errors[0].problem)
+        self.errors = tuple(errors)
+        self.args = ("\n".join(str(e) for e in errors),)
 
 
 class StartupError(ZrproxyError):

@@ -40,6 +40,7 @@ __all__ = [
     "lock_memory",
     "reexec_scrubbed",
     "scrub_environment",
+    "summary",
     "swap_enabled",
 ]
 
@@ -119,6 +120,29 @@ def lock_memory() -> None:
         f"soft={_limit_text(soft)} hard={_limit_text(hard)}; grant the process "
         "CAP_IPC_LOCK or raise RLIMIT_MEMLOCK above its mapped size "
         "(e.g. LimitMEMLOCK=infinity), or set server.mlock = false"
+    )
+
+
+def _locked_kib() -> int:
+    """VmLck of this process (kB of locked memory), 0 when unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmLck:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def summary(scrubbed: bool) -> str:
+    """One line saying which protections are in force, read back from the kernel."""
+    core = "off" if resource.getrlimit(resource.RLIMIT_CORE) == (0, 0) else "ON"
+    dumpable = "off" if _prctl(_PR_GET_DUMPABLE) == 0 else "ON"
+    mlock = "on" if _locked_kib() > 0 else "off"
+    return (
+        f"hardening: core dumps {core}, dumpable {dumpable}, mlock {mlock}, "
+        f"scrub mode {'on' if scrubbed else 'off'}"
     )
 
 

@@ -10,48 +10,42 @@ import secrets
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-# RFC 9110 7.6.1 hop-by-hop headers, plus the framing headers aiohttp recomputes itself.
-HOP_BY_HOP = frozenset(
+# Both directions pass an allowlist: a header nobody listed does not cross, whatever its
+# name. A denylist let the operator's account state (openai-organization, openai-project,
+# the shared x-ratelimit-* counters, anthropic-organization-id) reach every tenant, and a
+# client's arbitrary X-* headers reach the provider.
+
+# Client -> upstream: what the APIs read from a client. The upstream's own credentials
+# (its kind's auth header), Accept-Encoding: identity (so the usage tap sees plain bytes)
+# and our X-Request-Id are added by the upstream client on top of these.
+REQUEST_ALLOWLIST = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        "content-type",
+        "accept",
+        "user-agent",
+        "anthropic-version",
+        "anthropic-beta",
+        "openai-beta",
     }
 )
-_FRAMING = frozenset({"content-length", "host", "expect"})
 
-# The client's credentials and identity never reach the upstream: we inject our own key.
-_CLIENT_CREDENTIALS = frozenset(
+# Upstream -> client: what a client or SDK acts on. Framing (Content-Length,
+# Transfer-Encoding) is recomputed by our server; streaming responses get SSE_HEADERS.
+RESPONSE_ALLOWLIST = frozenset(
     {
-        "authorization",
-        "x-api-key",
-        "cookie",
-        "openai-organization",
-        "openai-project",
-        "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
-        "x-real-ip",
+        "content-type",
+        "content-encoding",  # only if an upstream ignores our identity request
+        "retry-after",
+        "retry-after-ms",  # the OpenAI SDKs read it before retry-after
+        "x-should-retry",  # both providers' SDKs obey it
+        "openai-processing-ms",
     }
 )
-# The usage tap reads response bytes as they pass, so they must arrive uncompressed
-# (SDKs send Accept-Encoding: gzip; a gzipped body would count zero tokens): upstreams
-# are asked for identity instead. aiohttp's server has already decompressed a request
-# body sent with Content-Encoding, so that header no longer describes what we forward.
-_ENCODING = frozenset({"accept-encoding", "content-encoding"})
-DROP_FROM_REQUEST = HOP_BY_HOP | _FRAMING | _CLIENT_CREDENTIALS | _ENCODING
-
-# The upstream's cookies and its own request id do not reach the client: the client gets
-# ours (the upstream's is renamed so support tickets can still quote it).
-DROP_FROM_RESPONSE = HOP_BY_HOP | frozenset({"content-length", "set-cookie", "x-request-id"})
+# The upstream's request id, which support tickets quote: OpenAI's x-request-id and
+# Anthropic's request-id, returned under their own name so ours stays X-Request-Id.
+UPSTREAM_REQUEST_IDS = frozenset({"x-request-id", "request-id"})
 UPSTREAM_REQUEST_ID = "x-upstream-request-id"
+_NONE: frozenset[str] = frozenset()
 
 REQUEST_ID = "X-Request-Id"
 # A client-chosen id is passed through only if it is short and plain; anything else is
@@ -69,25 +63,26 @@ def request_id(incoming: str | None) -> str:
     return secrets.token_hex(16)
 
 
-def _connection_named(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> frozenset[str]:
-    """`drop` plus the headers this message's Connection lists (hop-by-hop, RFC 9110 7.6.1)."""
+def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """The headers this message's Connection lists: hop-by-hop, even if allowlisted
+    (RFC 9110 7.6.1)."""
     listed = headers.getall("Connection", ())
     if not listed:
-        return drop
-    return drop | {token.strip().lower() for value in listed for token in value.split(",")}
+        return _NONE
+    return frozenset(token.strip().lower() for value in listed for token in value.split(","))
 
 
 def upstream_request_headers(
     incoming: CIMultiDictProxy[str], injected: dict[str, str]
 ) -> CIMultiDict[str]:
-    """Client headers minus hop-by-hop and credentials, plus the upstream's own headers."""
+    """The client's allowlisted headers, then the upstream's own (`injected` wins)."""
     out: CIMultiDict[str] = CIMultiDict()
-    drop = _connection_named(incoming, DROP_FROM_REQUEST)
+    hop = _connection_named(incoming)
     for name, value in incoming.items():
-        # `Transfer_Encoding` is not a framing header to us, but some servers read
-        # underscores as dashes: a request-smuggling vector. Such names are dropped.
+        # Exact names only: `Content_Type` is not `Content-Type` to us, but some servers
+        # read underscores as dashes, so such spellings never pass.
         lower = name.lower()
-        if lower not in drop and lower.replace("_", "-") not in drop:
+        if lower in REQUEST_ALLOWLIST and lower not in hop:
             out.add(name, value)
     for name, value in injected.items():
         out[name] = value
@@ -95,14 +90,16 @@ def upstream_request_headers(
 
 
 def client_response_headers(upstream: CIMultiDictProxy[str], rid: str) -> CIMultiDict[str]:
-    """Upstream response headers minus hop-by-hop and cookies, plus our request id."""
+    """The upstream's allowlisted headers, its request id renamed, plus our request id."""
     out: CIMultiDict[str] = CIMultiDict()
-    drop = _connection_named(upstream, DROP_FROM_RESPONSE)
+    hop = _connection_named(upstream)
     for name, value in upstream.items():
         lower = name.lower()
-        if lower == "x-request-id":
-            out.add(UPSTREAM_REQUEST_ID, value)
-        elif lower not in drop:
+        if lower in hop:
+            continue
+        if lower in RESPONSE_ALLOWLIST:
             out.add(name, value)
+        elif lower in UPSTREAM_REQUEST_IDS:
+            out.add(UPSTREAM_REQUEST_ID, value)
     out[REQUEST_ID] = rid
     return out

@@ -34,6 +34,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prometheus_multiprocess
 
+from zrproxy import logs
 from zrproxy.app import Service, admin_app, run_loop, settle_heap, stop_requested
 from zrproxy.config import Address, Config, export_metrics_dir
 from zrproxy.errors import StartupError
@@ -47,12 +48,13 @@ _START_TIMEOUT_S = 60.0
 
 
 def _worker_main(
-    config: Config, ready: multiprocessing.synchronize.Event, harden: Callable[[], None]
+    config: Config,
+    ready: multiprocessing.synchronize.Event,
+    harden: Callable[[], None],
+    worker: int = 0,
 ) -> None:
     """A worker process: the ordinary Service with the shared port and no admin listener."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup(config.server.log_format, worker)
     harden()
 
     async def serve() -> int:
@@ -94,8 +96,8 @@ class Supervisor:
         self.api_address = Address(listen.host, self._placeholder.getsockname()[1])
         server = replace(self.config.server, listen=self.api_address)
         self.config = replace(self.config, server=server)
-        for _ in range(server.workers):
-            self._workers.append(self._spawn())
+        for index in range(server.workers):
+            self._workers.append(self._spawn(index + 1))
         registry = CollectorRegistry()
         prometheus_multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
         self._admin_runner = web.AppRunner(
@@ -125,10 +127,11 @@ class Supervisor:
             len(self._workers),
         )
 
-    def _spawn(self) -> tuple[BaseProcess, multiprocessing.synchronize.Event]:
+    def _spawn(self, worker: int) -> tuple[BaseProcess, multiprocessing.synchronize.Event]:
+        """Start worker number `worker` (1..N; a restarted worker keeps its number)."""
         ready = self._context.Event()
         process = self._context.Process(
-            target=_worker_main, args=(self.config, ready, self._harden), daemon=False
+            target=_worker_main, args=(self.config, ready, self._harden, worker), daemon=False
         )
         process.start()
         return process, ready
@@ -144,7 +147,7 @@ class Supervisor:
                     if process.pid is not None:
                         prometheus_multiprocess.mark_process_dead(process.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
                     await asyncio.sleep(_RESTART_BACKOFF_S)
-                    self._workers[index] = self._spawn()
+                    self._workers[index] = self._spawn(index + 1)
             try:
                 await asyncio.wait_for(stop.wait(), _SUPERVISE_EVERY_S)
             except TimeoutError:

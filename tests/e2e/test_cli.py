@@ -38,7 +38,8 @@ api_key_env = "{ENV_VAR}"
 [[upstreams]]
 name = "anthropic-main"
 kind = "anthropic"
-base_url = "https://api.anthropic.com"
+base_url = "https://api.anthropic.com/v1"
+api_key_env = "{ENV_VAR}"
 
 [[routes]]
 name = "gpt"

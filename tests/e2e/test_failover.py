@@ -58,7 +58,7 @@ class Fakes:
                     status=429,
                     body=RETRY_BODY,
                     content_type="application/json",
-                    headers={"Retry-After": "7", "X-Fake": name},
+                    headers={"Retry-After": "7", "x-request-id": name},
                 )
             if behaviour in ("500", "502", "503"):
                 body = json.dumps({"error": {"message": f"{name} is down", "type": "server_error"}})
@@ -66,7 +66,7 @@ class Fakes:
                     status=int(behaviour),
                     text=body,
                     content_type="application/json",
-                    headers={"X-Fake": name},
+                    headers={"x-request-id": name},
                 )
             assert behaviour == "ok"
             return web.json_response({"fake": name})
@@ -172,7 +172,7 @@ async def test_fails_over_to_the_next_upstream(
     ) as resp:
         body = await resp.read()
     assert resp.status == 200
-    assert "X-Fake" not in resp.headers
+    assert "X-Upstream-Request-Id" not in resp.headers
     if stream:
         events = sse_events(body)
         assert sse_data(events[-1]) == b"[DONE]"
@@ -259,7 +259,7 @@ async def test_all_failing_relays_the_last_upstreams_429(
         body = await resp.read()
     assert resp.status == 429
     assert resp.headers["Retry-After"] == "7"
-    assert resp.headers["X-Fake"] == "b"
+    assert resp.headers["X-Upstream-Request-Id"] == "b"
     assert body == RETRY_BODY
     assert fakes.order == ["a", "b"]
     assert (
@@ -288,7 +288,7 @@ async def test_all_failing_relays_the_last_upstreams_5xx(
     ) as resp:
         body = await resp.read()
     assert resp.status == 502
-    assert resp.headers["X-Fake"] == "b"
+    assert resp.headers["X-Upstream-Request-Id"] == "b"
     assert "Retry-After" not in resp.headers
     assert json.loads(body)["error"]["message"] == "b is down"
 

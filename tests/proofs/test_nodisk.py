@@ -91,7 +91,7 @@ async def test_no_disk_writes_after_ready(tmp_path: Path, mode: str) -> None:
         "-qq",
         "-y",
         "-s",
-        "64",
+        "160",  # the ready line's text comes after the log prefix (time, level, pid, worker)
         "-e",
         f"trace={TRACED}",
         "-o",

@@ -243,7 +243,7 @@ def test_unknown_key_is_named(path: tuple[str | int, ...], key_path: str) -> Non
 def test_api_key_itself_is_not_a_config_key() -> None:
     # Keys come from the environment; a pasted secret is refused without being echoed.
     error = assert_error(with_(("upstreams", 0, "api_key"), SECRET), "upstreams[0].api_key")
-    assert error.problem == "unknown key"
+    assert error.problem.startswith("unknown key")
 
 
 def test_unknown_key_in_second_upstream() -> None:
@@ -298,7 +298,7 @@ def test_any_unknown_extra_key_is_rejected_by_name(where: str, extra: dict[str, 
     node.update({k: 0 if v is None else v for k, v in extra.items()})
     error = error_of(data, {})
     prefix = f"{where}." if where else ""
-    assert error.problem == "unknown key"
+    assert error.problem.startswith("unknown key")
     assert error.key_path in {prefix + k for k in extra}
 
 

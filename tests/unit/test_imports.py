@@ -19,6 +19,7 @@ _LEAVES = {
     "hardening",
     "caches",
     "upstream_health",
+    "logs",
 }
 _BELOW_PROXY = _LEAVES | {
     "config",
@@ -39,6 +40,7 @@ ALLOWED: dict[str, set[str]] = {
     "mock_upstream": set(),
     "upstream_health": set(),
     "hardening": {"errors"},
+    "logs": set(),
     "config": {"errors"},
     "dialects": {"errors"},
     "usage": set(),
@@ -48,8 +50,9 @@ ALLOWED: dict[str, set[str]] = {
     "streaming": {"usage", "errors"},
     "proxy": _BELOW_PROXY,
     "app": {"proxy", "upstream", "metrics", "config", "errors"},
-    "workers": {"app", "proxy", "config", "metrics", "errors"},
-    "cli": set(MODULES) - {"cli", "__main__", "__init__"},
+    "workers": {"app", "proxy", "config", "metrics", "errors", "logs"},
+    "checks": {"config"},
+    "cli": set(MODULES) - {"cli", "__main__"},
     "__main__": {"cli"},
 }
 
