@@ -127,11 +127,16 @@ def test_authenticator_from_parsed_config() -> None:
 def routing_config(**project: Any) -> Config:
     return parse_config(
         {
+            # Region routing here (all upstreams keep nothing); zero-retention filtering
+            # is tested in test_zero_retention.py.
             "upstreams": [
-                {"name": "oa-eu", "kind": "openai", "base_url": "http://a", "region": "eu"},
-                {"name": "oa-us", "kind": "openai", "base_url": "http://b", "region": "us"},
-                {"name": "anth-us", "kind": "anthropic", "base_url": "http://c", "region": "us"},
-                {"name": "local", "kind": "openai", "base_url": "http://d"},
+                {**u, "zero_data_retention": True}
+                for u in (
+                    {"name": "oa-eu", "kind": "openai", "base_url": "http://a", "region": "eu"},
+                    {"name": "oa-us", "kind": "openai", "base_url": "http://b", "region": "us"},
+                    {"name": "anth-us", "kind": "anthropic", "base_url": "http://c", "region": "us"},
+                    {"name": "local", "kind": "openai", "base_url": "http://d"},
+                )
             ],
             "routes": [
                 {"name": "gpt4o", "model": "gpt-4o*", "upstreams": ["oa-eu", "oa-us"]},

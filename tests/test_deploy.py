@@ -917,6 +917,7 @@ def test_proxy_serves_under_memory_deny_write_execute(tmp_path: Path, flags: lis
             "[server]\n"
             'listen = "127.0.0.1:0"\nadmin_listen = "127.0.0.1:0"\ndrain_timeout_s = 5\n'
             f'[[upstreams]]\nname = "mock"\nkind = "openai"\nbase_url = "{base}/v1"\n'
+            "zero_data_retention = true\n"
             '[[routes]]\nmodel = "*"\nupstreams = ["mock"]\n'
             f'[[projects]]\nname = "mdwe"\nkey_sha256 = ["{sha256(key.encode()).hexdigest()}"]\n'
         )

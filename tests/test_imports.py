@@ -20,6 +20,8 @@ _BELOW_PROXY = _LEAVES | {
     "routing",
     "upstream",
     "streaming",
+    "retention_rules",
+    "policy",
 }
 # Module -> the zrproxy modules it may import. Lower layers never import higher ones.
 ALLOWED: dict[str, set[str]] = {
@@ -35,10 +37,12 @@ ALLOWED: dict[str, set[str]] = {
     "usage": set(),
     "auth": {"config", "errors"},
     "routing": {"config", "errors"},
+    "retention_rules": set(),
+    "policy": {"config", "metrics", "routing"},
     "upstream": {"config", "errors", "headers", "dialects"},
     "streaming": {"usage", "errors"},
     "proxy": _BELOW_PROXY,
-    "app": {"proxy", "upstream", "metrics", "config", "errors"},
+    "app": {"proxy", "upstream", "metrics", "config", "errors", "policy", "routing"},
     "workers": {"app", "proxy", "config", "metrics", "errors"},
     "cli": set(MODULES) - {"cli", "__main__", "__init__"},
     "__main__": {"cli"},

@@ -29,8 +29,13 @@ def retention_config(mock_url: str, key_sha256: str) -> dict[str, Any]:
             "first_byte_timeout_s": 1,
         },
         "upstreams": [
-            {"name": "dead", "kind": "openai", "base_url": f"http://127.0.0.1:{dead_port}/v1"},
-            {"name": "mock", "kind": "openai", "base_url": mock_url},
+            {
+                "name": "dead",
+                "kind": "openai",
+                "base_url": f"http://127.0.0.1:{dead_port}/v1",
+                "zero_data_retention": True,
+            },
+            {"name": "mock", "kind": "openai", "base_url": mock_url, "zero_data_retention": True},
         ],
         "routes": [
             {"model": "failover-*", "upstreams": ["dead", "mock"]},

@@ -1,4 +1,4 @@
-"""The `zrproxy` command: serve, check-config, keygen, mock-upstream.
+"""The `zrproxy` command: serve, check-config, keygen, mock-upstream, policy.
 
 `main(argv) -> int` is the whole program, so tests run it in-process.
 """
@@ -24,6 +24,9 @@ from zrproxy.config import (
     process_environment,
 )
 from zrproxy.errors import ConfigError, StartupError
+from zrproxy.metrics import Metrics
+from zrproxy.policy import config_warnings, register_lines, report, to_json, to_text
+from zrproxy.routing import utc_today
 from zrproxy.workers import Supervisor
 
 log = logging.getLogger("zrproxy")
@@ -44,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--project", default="my-project")
     mock = commands.add_parser("mock-upstream", help="run the bundled mock upstream")
     mock.add_argument("--listen", default="127.0.0.1:9999")
+    policy = commands.add_parser("policy", help="print what is kept and where traffic goes")
+    policy.add_argument("--config", help="TOML config file (default: embedded demo config)")
+    policy.add_argument("--project", help="only this project")
+    policy.add_argument("--format", choices=("text", "json"), default="text")
     return parser
 
 
@@ -62,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _keygen(args.project)
         if args.command == "mock-upstream":
             return mock_upstream.main(["--listen", args.listen])
+        if args.command == "policy":
+            return _policy(args.config, args.project, args.format)
         return _serve(args, argv)
     except ConfigError as exc:
         sys.stderr.write(f"config error: {exc}\n")
@@ -85,7 +94,26 @@ def _check_config(path: str) -> int:
         f"  {len(config.routes)} routes: " + ", ".join(r.name for r in config.routes),
         f"  {len(config.projects)} projects: " + ", ".join(p.name for p in config.projects),
     ]
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join([*lines, *register_lines(config, utc_today())]) + "\n")
+    _warn(config)
+    return 0
+
+
+def _warn(config: Config) -> None:
+    """Config warnings (routes that can never serve a project, no register) on stderr."""
+    for warning in config_warnings(config):
+        sys.stderr.write(f"warning: {warning}\n")
+
+
+def _policy(path: str | None, project: str | None, fmt: str) -> int:
+    if path is not None:
+        config = load_config(path)
+    else:
+        config = embedded_default("http://127.0.0.1:9999/v1", bytes(32))
+    if project is not None and all(p.name != project for p in config.projects):
+        raise ConfigError("--project", "no such project in the config")
+    data = report(config, Metrics(), utc_today(), project)
+    sys.stdout.write(to_json(data).decode() + "\n" if fmt == "json" else to_text(data))
     return 0
 
 
@@ -128,6 +156,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     if scrub and not hardening.is_scrubbed(environ):
         log.info("scrub mode: restarting with a wiping allocator")
         hardening.reexec_scrubbed(argv, environ)
+    if config is not None:
+        _warn(config)
     harden = functools.partial(_harden, config is not None and config.server.mlock)
     harden()
     if config is not None:
