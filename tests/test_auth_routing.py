@@ -134,7 +134,12 @@ def routing_config(**project: Any) -> Config:
                 for u in (
                     {"name": "oa-eu", "kind": "openai", "base_url": "http://a", "region": "eu"},
                     {"name": "oa-us", "kind": "openai", "base_url": "http://b", "region": "us"},
-                    {"name": "anth-us", "kind": "anthropic", "base_url": "http://c", "region": "us"},
+                    {
+                        "name": "anth-us",
+                        "kind": "anthropic",
+                        "base_url": "http://c",
+                        "region": "us",
+                    },
                     {"name": "local", "kind": "openai", "base_url": "http://d"},
                 )
             ],
