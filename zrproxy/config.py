@@ -569,7 +569,7 @@ def embedded_default(mock_base_url: str, demo_key_sha256: bytes) -> Config:
                 purpose="demo LLM inference (keeps nothing)",
                 location="this machine",
                 hosts=(upstream_host(mock),),
-                since=datetime.date(2026, 1, 1),
+                since=datetime.date(2000, 1, 1),  # part of the program: always in use
             ),
         ),
     )

@@ -192,8 +192,8 @@ def _project_text(p: Report) -> Iterable[str]:
     if p["zero_retention"]:
         yield (
             "  Zero retention: on. Prompts and completions stay in memory for the request"
-            " only; only upstreams whose contract keeps nothing serve this project, they"
-            " are told not to store (store: false), and requests that ask a provider to"
+            " only; only upstreams whose contract keeps nothing serve it; chat and"
+            " responses bodies go out with store: false; requests that ask a provider to"
             " keep state are refused."
         )
     else:
@@ -211,8 +211,8 @@ def _project_text(p: Report) -> Iterable[str]:
     yield "  Regions: " + (", ".join(regions) if regions else "any") + "."
     yield "  Kept per request, as counters summed over all requests (no per-request record):"
     for m in p["kept_per_request"]:
-        labels = ", ".join(m["labels"]) or "no labels"
-        yield f"    - {m['metric']} ({m['type']}; by {labels}): {m['meaning']}"
+        labels = "by " + ", ".join(m["labels"]) if m["labels"] else "no labels"
+        yield f"    - {m['metric']} ({m['type']}; {labels}): {m['meaning']}"
     yield "  Where its requests can go:"
     for route in p["routes"]:
         yield f"    route {route['route']} (model {route['model']}):"
