@@ -13,7 +13,7 @@ from prometheus_client import Counter
 from prometheus_client.metrics import MetricWrapperBase
 
 from tests.policy_fixtures import call, mocks, proxy
-from tests.processes import to_toml
+from tests.processes import proxy_process, to_toml
 from zrproxy import policy
 from zrproxy.cli import main
 from zrproxy.config import parse_config
@@ -201,3 +201,12 @@ async def test_v1_policy_shows_a_customer_its_own_project_only(tmp_path: Path) -
             status, _doc, _ = await call(p.url + "/v1/policy", {}, p.auth("alpha"), "POST")
             assert status == 405
             assert m.started("m") == 0
+
+
+async def test_admin_policy_with_worker_processes(tmp_path: Path) -> None:
+    data = _keyed(_data("http://127.0.0.1:9/v1", str(tmp_path / "audit")))
+    data["server"] = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"}
+    with proxy_process(data, tmp_path, "--workers", "2") as proc:
+        status, doc, _ = await call(proc.admin_url + "/policy", None, {}, "GET")
+    assert status == 200
+    assert [x["project"] for x in doc["projects"]] == ["alpha", "beta"]

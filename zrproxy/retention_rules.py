@@ -167,7 +167,7 @@ RULES: tuple[Rule, ...] = (
         "OpenAI",
         _OPENAI_BODIES,
         "prompt_cache_retention",
-        "`prompt_cache_retention` other than `in_memory` (extended caching keeps it on disk)",
+        "`prompt_cache_retention` other than `in_memory` (extended caching: up to 24 h)",
         "https://platform.openai.com/docs/guides/prompt-caching#prompt-cache-retention",
         _extended_cache,
     ),
@@ -263,6 +263,7 @@ class StoringEndpoint:
     name: str
     pattern: str  # a regex on the request path, matched whole
     example: str  # a path it matches (the tests request every one)
+    keeps: str  # what it keeps at the provider, for the README
     doc_url: str
 
 
@@ -271,54 +272,63 @@ STORING_ENDPOINTS: tuple[StoringEndpoint, ...] = (
         "Files (OpenAI, Anthropic)",
         r"/v1/files(/.*)?",
         "/v1/files/file-abc/content",
+        "uploaded files, until deleted",
         "https://platform.openai.com/docs/api-reference/files",
     ),
     StoringEndpoint(
         "Batches (OpenAI)",
         r"/v1/batches(/.*)?",
         "/v1/batches",
+        "batch input and output files, until deleted",
         "https://platform.openai.com/docs/api-reference/batch",
     ),
     StoringEndpoint(
         "Vector stores (OpenAI)",
         r"/v1/vector_stores(/.*)?",
         "/v1/vector_stores/vs_abc/files",
+        "file contents and their embeddings, until deleted",
         "https://platform.openai.com/docs/api-reference/vector-stores",
     ),
     StoringEndpoint(
         "Assistants (OpenAI)",
         r"/v1/assistants(/.*)?",
         "/v1/assistants",
+        "assistant definitions and instructions, until deleted",
         "https://platform.openai.com/docs/api-reference/assistants",
     ),
     StoringEndpoint(
         "Threads (OpenAI)",
         r"/v1/threads(/.*)?",
         "/v1/threads/thread_abc/messages",
+        "conversation messages, until deleted",
         "https://platform.openai.com/docs/api-reference/threads",
     ),
     StoringEndpoint(
         "Conversations (OpenAI)",
         r"/v1/conversations(/.*)?",
         "/v1/conversations/conv_abc/items",
+        "conversation items, without expiry",
         "https://platform.openai.com/docs/api-reference/conversations",
     ),
     StoringEndpoint(
-        "Stored responses: `/v1/responses/{id}` (OpenAI)",
+        "Stored responses (OpenAI)",
         r"/v1/responses/.+",
         "/v1/responses/resp_abc",
+        "reads, lists or deletes responses stored for 30 days",
         "https://platform.openai.com/docs/api-reference/responses/get",
     ),
     StoringEndpoint(
-        "Stored chat completions: `/v1/chat/completions/{id}` (OpenAI)",
+        "Stored chat completions (OpenAI)",
         r"/v1/chat/completions/.+",
         "/v1/chat/completions/chatcmpl-abc/messages",
+        "reads, lists or deletes stored chat completions",
         "https://platform.openai.com/docs/api-reference/chat/get",
     ),
     StoringEndpoint(
         "Message Batches (Anthropic)",
         r"/v1/messages/batches(/.*)?",
         "/v1/messages/batches/msgbatch_abc/results",
+        "batch results, for 29 days",
         "https://docs.claude.com/en/docs/build-with-claude/batch-processing",
     ),
 )
@@ -341,6 +351,12 @@ def markdown_tables() -> str:
         lines.append(
             f"| {r.provider} | {paths} | {r.refused_when} | `{r.param}` | [doc]({r.doc_url}) |"
         )
-    lines += ["", "| storing endpoint (404 for every project) | source |", "| --- | --- |"]
-    lines += [f"| {e.name} | [doc]({e.doc_url}) |" for e in STORING_ENDPOINTS]
+    lines += [
+        "",
+        "| storing endpoint (404 for every project) | paths | kept at the provider | source |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {e.name} | `{e.pattern}` | {e.keeps} | [doc]({e.doc_url}) |" for e in STORING_ENDPOINTS
+    ]
     return "\n".join(lines) + "\n"
