@@ -13,9 +13,9 @@ import pytest
 from tests.policy_fixtures import call, chat, mocks, proxy, recorder
 from tests.processes import LoggedProcess, to_toml
 from zrproxy.cli import main
-from zrproxy.config import parse_config
+from zrproxy.config import covering_subprocessor, embedded_default, parse_config
 from zrproxy.errors import ConfigError
-from zrproxy.routing import DayClock
+from zrproxy.routing import DayClock, Router
 
 TODAY = datetime.date(2026, 6, 1)
 
@@ -225,3 +225,14 @@ async def test_an_upstream_redirect_is_refused_and_not_followed(status: int) -> 
                     assert doc["error"]["code"] == "upstream_redirect"
             assert len(up.seen) == 2
             assert elsewhere.seen == []
+
+
+def test_the_embedded_demo_registers_the_bundled_mock() -> None:
+    config = embedded_default("http://127.0.0.1:4321/v1", bytes(32))
+    (mock,) = config.upstreams
+    assert mock.zero_data_retention
+    sub = covering_subprocessor(config.subprocessors, mock)
+    assert sub is not None and sub.since <= datetime.date.today()
+    demo = config.projects[0]
+    assert demo.zero_retention
+    assert Router(config).plan(demo, "mock-n1").upstreams == (mock,)

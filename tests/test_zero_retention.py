@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.policy_fixtures import call, chat, closed_port, mocks, proxy
@@ -198,6 +199,9 @@ async def test_state_fields_are_refused_before_any_upstream(param: str) -> None:
                 assert doc["error"]["code"] == "zero_retention_conflict"
                 assert doc["error"]["param"] == param
             assert m.started("zdr") == 0
+            _s, _d, metrics = await call(p.admin_url + "/metrics", None, {}, "GET")
+            line = f'zrproxy_zero_retention_refusals_total{{field="{param}"}} 1.0'
+            assert line.encode() in metrics.splitlines()
             # Without zero retention, the same body reaches the upstream with the field.
             status, _doc, _ = await call(p.url + path, body, p.auth("open"))
             assert status == 200
@@ -254,3 +258,21 @@ async def test_storing_endpoints_are_not_proxied_for_anyone(endpoint: Any, metho
                 else:
                     assert error["type"] == "not_found_error"
             assert m.started("zdr") == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b' \r\n\t{"model": "mock-n2", "messages": [{"role": "user", "content": "hi"}]}',
+        '{"model": "mock-n2", "messages": []}'.encode("utf-16"),  # no "{" first: re-encoded
+    ],
+)
+async def test_store_false_for_any_json_the_proxy_accepts(raw: bytes) -> None:
+    async with mocks("zdr") as m:
+        async with proxy(_data([_up("zdr", m.urls["zdr"], True)])) as p:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(p.url + "/v1/chat/completions", data=raw, headers=p.auth("zr")) as r,
+            ):
+                assert r.status == 200
+            assert _last(m.stats["zdr"]).store is False

@@ -118,11 +118,18 @@ def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
 
 
 def _is_set(payload: Mapping[str, Any], forced: Mapping[str, Any]) -> bool:
-    # `type(...) is` first: False == 0, and a client `store: 0` is not `store: false`.
-    return all(
-        key in payload and type(payload[key]) is type(value) and payload[key] == value
-        for key, value in forced.items()
-    )
+    for key, value in forced.items():
+        # `type(...) is` too: False == 0, and a client `store: 0` is not `store: false`.
+        current = payload.get(key, _MISSING)
+        if type(current) is not type(value) or current != value:
+            return False
+    return True
+
+
+_MISSING = object()
+_JSON_SPACE = frozenset(b" \t\r\n")
+# The serialised form of each set of forced fields, built once (a handful of them).
+_HEADS: dict[tuple[tuple[str, Any], ...], bytes] = {}
 
 
 def _with_leading_fields(body: bytes, fields: Mapping[str, Any]) -> bytes | None:
@@ -130,12 +137,18 @@ def _with_leading_fields(body: bytes, fields: Mapping[str, Any]) -> bytes | None
     does not start with `{` (e.g. UTF-16 JSON). Only for fields absent from the body, so
     no key appears twice; the body has "model", so a comma always follows."""
     start = 0
-    while body[start : start + 1] in (b" ", b"\t", b"\r", b"\n"):
-        start += 1
-    if body[start : start + 1] != b"{":
-        return None
-    head = b"".join(orjson.dumps(k) + b":" + orjson.dumps(v) + b"," for k, v in fields.items())
-    return b"".join((b"{", head, memoryview(body)[start + 1 :]))
+    if body[:1] != b"{":
+        while start < len(body) and body[start] in _JSON_SPACE:
+            start += 1
+        if body[start : start + 1] != b"{":
+            return None
+    key = tuple(fields.items())
+    head = _HEADS.get(key)
+    if head is None:
+        head = _HEADS[key] = b"{" + b"".join(
+            orjson.dumps(k) + b":" + orjson.dumps(v) + b"," for k, v in key
+        )
+    return b"".join((head, memoryview(body)[start + 1 :]))
 
 
 class UpstreamBodies:

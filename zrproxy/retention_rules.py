@@ -53,7 +53,7 @@ def _tools(p: Payload) -> list[Mapping[str, Any]]:
 
 
 def _tool_type(*types: str) -> Callable[[Payload], bool]:
-    return lambda p: any(t.get("type") in types for t in _tools(p))
+    return lambda p: "tools" in p and any(t.get("type") in types for t in _tools(p))
 
 
 def _hosted_shell(p: Payload) -> bool:
@@ -75,10 +75,10 @@ def _anthropic_code_execution(p: Payload) -> bool:
     return any(str(t.get("type", "")).startswith("code_execution_") for t in _tools(p))
 
 
-def _parts(p: Payload) -> list[Mapping[str, Any]]:
-    """Content parts of the messages (`messages`) or input items (`input`), one level of
-    nesting into tool results: where file references can appear."""
-    found: list[Mapping[str, Any]] = []
+def _any_part(p: Payload, test: Callable[[Mapping[str, Any]], bool]) -> bool:
+    """Whether `test` holds for an input item (`input`), or a content part of a message
+    or item, or a block inside such a part (an Anthropic tool_result's): where file
+    references can appear. Plain string content, the common case, costs one check."""
     for key in ("messages", "input"):
         items = p.get(key)
         if not isinstance(items, list):
@@ -86,35 +86,42 @@ def _parts(p: Payload) -> list[Mapping[str, Any]]:
         for item in items:
             if not isinstance(item, dict):
                 continue
-            found.append(item)
+            if test(item):
+                return True
             content = item.get("content")
             if not isinstance(content, list):
                 continue
             for part in content:
-                if isinstance(part, dict):
-                    found.append(part)
-                    inner = part.get("content")  # an Anthropic tool_result's blocks
-                    if isinstance(inner, list):
-                        found.extend(b for b in inner if isinstance(b, dict))
-    return found
+                if not isinstance(part, dict):
+                    continue
+                if test(part):
+                    return True
+                inner = part.get("content")
+                if isinstance(inner, list):
+                    for block in inner:
+                        if isinstance(block, dict) and test(block):
+                            return True
+    return False
+
+
+def _has_file_id(part: Mapping[str, Any]) -> bool:
+    file = part.get("file")  # chat completions: {"type": "file", "file": {"file_id"}}
+    return part.get("file_id") is not None or (
+        isinstance(file, dict) and file.get("file_id") is not None
+    )
+
+
+def _has_file_source(part: Mapping[str, Any]) -> bool:
+    source = part.get("source")
+    return isinstance(source, dict) and source.get("type") == "file"
 
 
 def _openai_file_id(p: Payload) -> bool:
-    for part in _parts(p):
-        file = part.get("file")  # chat completions: {"type": "file", "file": {"file_id"}}
-        if part.get("file_id") is not None or (
-            isinstance(file, dict) and file.get("file_id") is not None
-        ):
-            return True
-    return False
+    return _any_part(p, _has_file_id)
 
 
 def _anthropic_file_source(p: Payload) -> bool:
-    for part in _parts(p):
-        source = part.get("source")
-        if isinstance(source, dict) and source.get("type") == "file":
-            return True
-    return False
+    return _any_part(p, _has_file_source)
 
 
 _RESPONSES = ("/v1/responses",)
