@@ -36,8 +36,11 @@ def retention_config(mock_url: str, key_sha256: str) -> dict[str, Any]:
                 "zero_data_retention": True,
             },
             {"name": "mock", "kind": "openai", "base_url": mock_url, "zero_data_retention": True},
+            # The same mock declared as retaining: zero-retention requests never reach it.
+            {"name": "keeps", "kind": "openai", "base_url": mock_url},
         ],
         "routes": [
+            {"model": "retain-*", "upstreams": ["keeps"]},
             {"model": "failover-*", "upstreams": ["dead", "mock"]},
             {"model": "mock*", "upstreams": ["mock"]},
         ],
@@ -142,6 +145,20 @@ async def drive_every_path(
         {"Authorization": "Bearer " + "".join(marker), "Content-Type": "application/json"},
     )
     statuses["too_large"] = await _post(client, chat, _chat("mock", marker) + b" " * 70000, auth)
+    # Zero-retention refusals: a field asking for provider state, no ZDR upstream, a
+    # storing endpoint (the marker in its path), and the customer's policy view.
+    statuses["zero_retention_conflict"] = await _post(
+        client, chat, _chat("mock-n2", marker, store=True), auth
+    )
+    statuses["zero_retention_unavailable"] = await _post(
+        client, chat, _chat("retain-mock-n2", marker), auth
+    )
+    statuses["storing_endpoint"] = await _post(
+        client, base_url + "/v1/files/" + "".join(marker), _chat("mock", marker), auth
+    )
+    async with client.get(base_url + "/v1/policy", headers=auth) as resp:
+        await resp.read()
+        statuses["policy"] = resp.status
     statuses["malformed_http"] = await _raw_malformed(base_url, marker)
     await asyncio.sleep(0.3)  # let the proxy notice closed connections and finish handlers
     return statuses
