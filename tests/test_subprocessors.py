@@ -108,6 +108,12 @@ def test_check_config_prints_when_each_subprocessor_becomes_active(
     assert "subprocessor 'Alpha': active since 2020-01-15" in captured.out
     assert "subprocessor 'Beta': announced, becomes active on 2999-03-01" in captured.out
     assert "register" not in captured.err
+    # Route "*" has a current upstream first: only a route with nothing current is warned.
+    assert "cannot be served" not in captured.err
+    data["routes"] = [{"name": "beta-only", "model": "*", "upstreams": ["b"]}]
+    assert main(["check-config", str(_write(tmp_path, data))]) == 0
+    err = capsys.readouterr().err
+    assert "project 'zr' cannot be served by route 'beta-only' before 2999-03-01" in err
 
 
 def test_serve_warns_at_start_up_when_no_register_is_kept(tmp_path: Path) -> None:

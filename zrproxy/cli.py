@@ -101,7 +101,7 @@ def _check_config(path: str) -> int:
 
 def _warn(config: Config) -> None:
     """Config warnings (routes that can never serve a project, no register) on stderr."""
-    for warning in config_warnings(config):
+    for warning in config_warnings(config, utc_today()):
         sys.stderr.write(f"warning: {warning}\n")
 
 

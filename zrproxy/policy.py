@@ -22,6 +22,7 @@ from zrproxy.config import (
     ProjectConfig,
     RouteConfig,
     UpstreamConfig,
+    activation_dates,
     covering_subprocessor,
     glob_matcher,
     upstream_host,
@@ -247,10 +248,12 @@ def to_text(data: Report) -> str:
 # --- what check-config and start-up say ----------------------------------------------------
 
 
-def config_warnings(config: Config) -> list[str]:
+def config_warnings(config: Config, today: datetime.date | None = None) -> list[str]:
     """Every project and route that can never be served, naming both and the key to set;
-    and a missing subprocessor register."""
+    routes only announced subprocessors serve (until when, given `today`); and a
+    missing subprocessor register."""
     warnings: list[str] = []
+    starts = activation_dates(config)
     index = {u.name: i for i, u in enumerate(config.upstreams)}
     for i, project in enumerate(config.projects):
         for route in config.routes:
@@ -258,6 +261,13 @@ def config_warnings(config: Config) -> list[str]:
                 continue
             access = route_access(config, project, route)
             if access.usable:
+                first = min(starts[u.name] for u in access.usable)
+                if today is not None and first > today:
+                    warnings.append(
+                        f"project '{project.name}' cannot be served by route '{route.name}'"
+                        f" before {first.isoformat()}: its upstreams' subprocessors are only"
+                        " announced until then ([[subprocessors]] since)"
+                    )
                 continue
             if access.in_regions:
                 keys = " or ".join(
