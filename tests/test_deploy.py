@@ -69,6 +69,7 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "zrproxy_failovers_total": ("counter", frozenset({"route"})),
     "zrproxy_client_aborts_total": ("counter", frozenset({"route"})),
     "zrproxy_rejections_total": ("counter", frozenset({"reason"})),
+    "zrproxy_zero_retention_refusals_total": ("counter", frozenset({"field"})),
     "zrproxy_in_flight_requests": ("gauge", frozenset()),
     "zrproxy_open_streams": ("gauge", frozenset()),
 }
@@ -87,6 +88,8 @@ LABEL_ENUMS = {
         "method",
         "draining",
         "region",
+        "zero_retention",
+        "not_active",
     },
 }
 # Labels Prometheus (and the Prometheus Operator) attach to every scraped series.

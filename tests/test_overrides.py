@@ -65,11 +65,14 @@ async def test_store_override_wins_over_a_client_without_zero_retention() -> Non
             assert rec.json()["store"] is False
 
 
-async def test_zero_retention_store_false_wins_over_an_operator_override() -> None:
+@pytest.mark.parametrize("sent", [{}, {"store": False}])
+async def test_zero_retention_store_false_wins_over_an_operator_override(
+    sent: dict[str, Any],
+) -> None:
     # store: false for zero-retention projects does not depend on the operator.
     async with recorder() as rec:
         async with proxy(_data(rec.url, request_overrides={"store": True})) as p:
-            status, _doc, _ = await call(p.url + "/v1/responses", chat(), p.auth("zr"))
+            status, _doc, _ = await call(p.url + "/v1/responses", chat(**sent), p.auth("zr"))
             assert status == 200
             assert rec.json()["store"] is False
             status, _doc, _ = await call(p.url + "/v1/responses", chat(), p.auth("open"))

@@ -160,7 +160,7 @@ class UpstreamBodies:
     sets (`store: false` for zero-retention projects), winning over both.
     """
 
-    __slots__ = ("_ask_usage", "_body", "_forced", "_request", "_upstream_model")
+    __slots__ = ("_ask_usage", "_body", "_forced", "_forced_as_sent", "_request", "_upstream_model")
 
     def __init__(
         self,
@@ -174,15 +174,15 @@ class UpstreamBodies:
         self._request: ParsedRequest | None = request
         self._upstream_model = upstream_model
         self._ask_usage = ask_usage
-        self._forced: Mapping[str, Any] = (
-            forced if forced and not _is_set(request.payload, forced) else {}
-        )
+        self._forced: Mapping[str, Any] = forced or {}
+        # The client already sent them so: its bytes can go as they are.
+        self._forced_as_sent = _is_set(request.payload, self._forced)
 
     def for_upstream(self, kind: Dialect, overrides: Mapping[str, Any]) -> bytes:
         ask_usage = self._ask_usage and kind == "openai"
         forced = self._forced
         if not overrides and self._upstream_model is None and not ask_usage:
-            if not forced:
+            if self._forced_as_sent:
                 return self._body
             assert self._request is not None, "body used after clear()"
             if not any(key in self._request.payload for key in forced):
