@@ -3,7 +3,7 @@
 The one table of request fields that need provider-side state (each row citing the
 provider document it comes from), the fields the proxy itself sets for zero-retention
 projects, and the storing endpoints no project may reach. The README prints these
-tables (`markdown_tables()`; `tests/test_retention_rules.py` checks they agree).
+tables (`markdown_tables()`; `tests/test_readme_policy.py` checks they agree).
 
 Never copies request content anywhere: a check returns a row of this table, whose
 `param` is a fixed string, never something the client sent.
