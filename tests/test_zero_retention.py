@@ -3,12 +3,15 @@ fields, and storing endpoints proxied for no one. Real proxy, bundled mocks, loo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.policy_fixtures import call, chat, closed_port, mocks, proxy
+from tests.processes import to_toml
+from zrproxy.cli import main
 from zrproxy.retention_rules import RULES, STORING_ENDPOINTS
 
 MARKER = "zr-marker-8c1f"
@@ -276,3 +279,22 @@ async def test_store_false_for_any_json_the_proxy_accepts(raw: bytes) -> None:
             ):
                 assert r.status == 200
             assert _last(m.stats["zdr"]).store is False
+
+
+def test_check_config_names_the_key_for_a_route_a_project_can_never_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _data([_up("keeps", "https://keeps.example/v1", False)])
+    data["projects"] = [
+        {"name": "zr", "key_sha256": ["0" * 64]},
+        {"name": "open", "key_sha256": ["1" * 64], "zero_retention": False},
+    ]
+    path = tmp_path / "zrproxy.toml"
+    path.write_text(to_toml(data))
+    assert main(["check-config", str(path)]) == 0
+    warnings = [w for w in capsys.readouterr().err.splitlines() if "can never be served" in w]
+    assert len(warnings) == 1
+    (warning,) = warnings
+    assert warning.startswith("warning: project 'zr' can never be served by route '*'")
+    assert "upstreams[0].zero_data_retention = true" in warning
+    assert "projects[0].zero_retention = false" in warning
