@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from prometheus_client import Counter
 from prometheus_client.metrics import MetricWrapperBase
 
 from tests.policy_fixtures import call, mocks, proxy
-from tests.processes import proxy_process, to_toml
+from tests.processes import LoggedProcess, proxy_process, to_toml
 from zrproxy import policy
 from zrproxy.cli import main
 from zrproxy.config import parse_config
@@ -210,3 +211,28 @@ async def test_admin_policy_with_worker_processes(tmp_path: Path) -> None:
         status, doc, _ = await call(proc.admin_url + "/policy", None, {}, "GET")
     assert status == 200
     assert [x["project"] for x in doc["projects"]] == ["alpha", "beta"]
+
+
+async def test_the_demo_banner_shows_the_policy_with_the_register() -> None:
+    proc = LoggedProcess(
+        [
+            sys.executable,
+            "-m",
+            "zrproxy",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ]
+    )
+    try:
+        line = proc.wait_for(r"curl (http://\S+/v1/policy) -H 'Authorization: Bearer (zr-\S+)'")
+        status, doc, _ = await call(line[1], None, {"Authorization": f"Bearer {line[2]}"}, "GET")
+        assert status == 200
+        (upstream,) = doc["routes"][0]["upstreams"]
+        assert upstream["zero_data_retention"] is True
+        assert upstream["subprocessor"]["name"] == "zrproxy bundled mock upstream"
+        assert upstream["subprocessor"]["status"] == "current"
+    finally:
+        assert proc.stop() == 0

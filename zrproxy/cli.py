@@ -216,6 +216,8 @@ async def _serve_embedded(changes: dict[str, Any], harden: Callable[[], None]) -
             "-H 'Content-Type: application/json' "
             '-d \'{"model":"mock-n16-d100","stream":true,'
             '"messages":[{"role":"user","content":"Hello zrproxy"}]}\'\n\n'
+            "What is kept and where it goes (the subprocessor register is the mock):\n"
+            f"  curl {api}/v1/policy -H 'Authorization: Bearer {key}'\n\n"
         )
         sys.stdout.flush()
 
