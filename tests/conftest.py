@@ -58,14 +58,20 @@ def config_data(
     *,
     routes: list[dict[str, Any]] | None = None,
     projects: list[dict[str, Any]] | None = None,
+    zero_retention: bool = True,
     **server: Any,
 ) -> dict[str, Any]:
-    """A config as parsed TOML data; listeners on loopback port 0."""
+    """A config as parsed TOML data; listeners on loopback port 0.
+
+    Upstreams declare `zero_data_retention = true` unless they say otherwise: the test
+    upstreams (the bundled mock, fakes on loopback) keep nothing, and projects have zero
+    retention by default, so only such upstreams may serve them."""
     return {
         "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", **server},
-        "upstreams": upstreams,
+        "upstreams": [{"zero_data_retention": True, **u} for u in upstreams],
         "routes": routes or [{"model": "*", "upstreams": [u["name"] for u in upstreams]}],
-        "projects": projects or [{"name": "acme", "key_sha256": [key_sha256]}],
+        "projects": projects
+        or [{"name": "acme", "key_sha256": [key_sha256], "zero_retention": zero_retention}],
     }
 
 
@@ -79,7 +85,8 @@ StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 @pytest.fixture
 async def start_proxy() -> AsyncIterator[StartProxy]:
-    """start_proxy(upstreams, routes=..., projects=..., environ=..., **server) -> RunningProxy"""
+    """start_proxy(upstreams, routes=..., projects=..., zero_retention=..., environ=...,
+    **server) -> RunningProxy"""
     services: list[Service] = []
 
     async def start(

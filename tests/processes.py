@@ -7,6 +7,7 @@ and every process is stopped (SIGTERM, then SIGKILL) when the context exits.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 import signal
@@ -28,6 +29,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, datetime.date):
+        return value.isoformat()  # a TOML local date
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):

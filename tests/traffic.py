@@ -29,11 +29,24 @@ def retention_config(mock_url: str, key_sha256: str) -> dict[str, Any]:
             "first_byte_timeout_s": 1,
         },
         "upstreams": [
-            {"name": "dead", "kind": "openai", "base_url": f"http://127.0.0.1:{dead_port}/v1"},
-            {"name": "mock", "kind": "openai", "base_url": mock_url},
-            {"name": "mock-anthropic", "kind": "anthropic", "base_url": mock_url},
+            {
+                "name": "dead",
+                "kind": "openai",
+                "base_url": f"http://127.0.0.1:{dead_port}/v1",
+                "zero_data_retention": True,
+            },
+            {"name": "mock", "kind": "openai", "base_url": mock_url, "zero_data_retention": True},
+            {
+                "name": "mock-anthropic",
+                "kind": "anthropic",
+                "base_url": mock_url,
+                "zero_data_retention": True,
+            },
+            # The same mock declared as retaining: zero-retention requests never reach it.
+            {"name": "keeps", "kind": "openai", "base_url": mock_url},
         ],
         "routes": [
+            {"model": "retain-*", "upstreams": ["keeps"]},
             {"model": "failover-*", "upstreams": ["dead", "mock"]},
             {"model": "mock*", "upstreams": ["mock", "mock-anthropic"]},
         ],
@@ -138,6 +151,20 @@ async def drive_every_path(
         {"Authorization": "Bearer " + "".join(marker), "Content-Type": "application/json"},
     )
     statuses["too_large"] = await _post(client, chat, _chat("mock", marker) + b" " * 70000, auth)
+    # Zero-retention refusals: a field asking for provider state, no ZDR upstream, a
+    # storing endpoint (the marker in its path), and the customer's policy view.
+    statuses["zero_retention_conflict"] = await _post(
+        client, chat, _chat("mock-n2", marker, store=True), auth
+    )
+    statuses["zero_retention_unavailable"] = await _post(
+        client, chat, _chat("retain-mock-n2", marker), auth
+    )
+    statuses["storing_endpoint"] = await _post(
+        client, base_url + "/v1/files/" + "".join(marker), _chat("mock", marker), auth
+    )
+    async with client.get(base_url + "/v1/policy", headers=auth) as resp:
+        await resp.read()
+        statuses["policy"] = resp.status
     statuses["malformed_http"] = await _raw_malformed(base_url, marker)
     await asyncio.sleep(0.3)  # let the proxy notice closed connections and finish handlers
     return statuses

@@ -28,7 +28,9 @@ from prometheus_client import CollectorRegistry
 from zrproxy.config import Address, Config
 from zrproxy.errors import StartupError
 from zrproxy.metrics import Metrics
+from zrproxy.policy import report, to_json
 from zrproxy.proxy import Proxy, ServiceState
+from zrproxy.routing import DayClock
 from zrproxy.upstream import Upstreams
 
 log = logging.getLogger("zrproxy")
@@ -132,8 +134,10 @@ class Service:
         exposition_registry: CollectorRegistry | None = None,
         reuse_port: bool = False,
         admin: bool = True,
+        day_clock: DayClock | None = None,
     ) -> None:
         self.config = config
+        self.day_clock = day_clock if day_clock is not None else DayClock()
         self.metrics = metrics if metrics is not None else Metrics()
         self.state = ServiceState()
         self._exposition = exposition_registry or self.metrics.registry
@@ -151,7 +155,7 @@ class Service:
     async def start(self) -> None:
         server = self.config.server
         self._upstreams = Upstreams(self.config)
-        proxy = Proxy(self.config, self._upstreams, self.metrics, self.state)
+        proxy = Proxy(self.config, self._upstreams, self.metrics, self.state, self.day_clock)
         self._api_server = _ApiServer(
             proxy.handle,
             on_bad_request=self.metrics.child(self.metrics.rejections, "malformed").inc,
@@ -176,7 +180,9 @@ class Service:
         self.api_address = _bound(self._api_runner)
         if self._with_admin:
             self._admin_runner = web.AppRunner(
-                admin_app(self.state, self._exposition), access_log=None, handle_signals=False
+                admin_app(self.state, self._exposition, self._policy),
+                access_log=None,
+                handle_signals=False,
             )
             await self._admin_runner.setup()
             site = web.TCPSite(
@@ -224,6 +230,9 @@ class Service:
             await self._upstreams.close()
         log.info("stopped")
 
+    def _policy(self) -> bytes:
+        return to_json(report(self.config, self.metrics, self.day_clock.day()))
+
 
 async def _wait_for(tasks: set[asyncio.Task[object]], timeout_s: float) -> None:
     """Until the handler tasks in `tasks` (a live set) have all finished, or the timeout."""
@@ -243,8 +252,12 @@ def _bound(runner: web.BaseRunner) -> Address:
     return Address(host, port)
 
 
-def admin_app(state: ServiceState, registry: CollectorRegistry) -> web.Application:
-    """/metrics, /healthz and /readyz for operators."""
+def admin_app(
+    state: ServiceState,
+    registry: CollectorRegistry,
+    policy: Callable[[], bytes] | None = None,
+) -> web.Application:
+    """/metrics, /healthz, /readyz and (given `policy`) /policy for operators."""
 
     async def metrics(_request: web.Request) -> web.Response:
         body = prometheus_client.generate_latest(registry)
@@ -268,6 +281,12 @@ def admin_app(state: ServiceState, registry: CollectorRegistry) -> web.Applicati
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if policy is not None:
+
+        async def policy_json(_request: web.Request) -> web.Response:
+            return web.Response(body=policy(), content_type="application/json")
+
+        app.router.add_get("/policy", policy_json)
     return app
 
 

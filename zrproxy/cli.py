@@ -1,4 +1,4 @@
-"""The `zrproxy` command: serve, check-config, keygen, mock-upstream.
+"""The `zrproxy` command: serve, check-config, keygen, mock-upstream, policy.
 
 `main(argv) -> int` is the whole program, so tests run it in-process. The texts `--help`
 shows are written for users (`_DESCRIPTION`, `_EPILOG`), not taken from this docstring.
@@ -29,6 +29,9 @@ from zrproxy.config import (
     process_environment,
 )
 from zrproxy.errors import ConfigError, StartupError
+from zrproxy.metrics import Metrics
+from zrproxy.policy import policy_warnings, register_lines, report, to_json, to_text
+from zrproxy.routing import utc_today
 from zrproxy.workers import Supervisor
 
 log = logging.getLogger("zrproxy")
@@ -107,6 +110,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the bundled mock upstream on its own, for trying zrproxy out.",
     )
     mock.add_argument("--listen", default="127.0.0.1:9999", help="HOST:PORT to listen on")
+    policy = commands.add_parser(
+        "policy",
+        help="print what is kept per request and where traffic goes",
+        description="Print, per project, what is kept per request, zero retention and the "
+        "audit log, regions, every upstream it can reach with its subprocessor, and the "
+        "subprocessor register (current and announced).",
+    )
+    policy.add_argument("--config", help="TOML config file (default: embedded demo config)")
+    policy.add_argument("--project", help="only this project")
+    policy.add_argument("--format", choices=("text", "json"), default="text")
     return parser
 
 
@@ -121,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _hash_key() if args.hash else _keygen(args.project)
         if args.command == "mock-upstream":
             return mock_upstream.main(["--listen", args.listen])
+        if args.command == "policy":
+            return _policy(args.config, args.project, args.format)
         return _serve(args, argv)
     except ConfigError as exc:
         for error in getattr(exc, "errors", (exc,)):
@@ -140,9 +155,15 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _warnings(config: Config) -> list[str]:
+    """Everything suspicious about a config that still loads: mistakes (checks) and
+    policy gaps (projects a route can never serve, no subprocessor register)."""
+    return [str(w) for w in config_warnings(config, _cpus())] + policy_warnings(config, utc_today())
+
+
 def _check_config(path: str, no_env: bool) -> int:
     config = load_config(path, PLACEHOLDER_ENV if no_env else None)
-    for warning in config_warnings(config, _cpus()):
+    for warning in _warnings(config):
         sys.stderr.write(f"warning: {warning}\n")
     lines = [
         f"config ok: {path}",
@@ -151,7 +172,19 @@ def _check_config(path: str, no_env: bool) -> int:
         f"  {len(config.routes)} routes: " + ", ".join(r.name for r in config.routes),
         f"  {len(config.projects)} projects: " + ", ".join(p.name for p in config.projects),
     ]
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join([*lines, *register_lines(config, utc_today())]) + "\n")
+    return 0
+
+
+def _policy(path: str | None, project: str | None, fmt: str) -> int:
+    if path is not None:
+        config = load_config(path)
+    else:
+        config = embedded_default("http://127.0.0.1:9999/v1", bytes(32))
+    if project is not None and all(p.name != project for p in config.projects):
+        raise ConfigError("--project", "no such project in the config")
+    data = report(config, Metrics(), utc_today(), project)
+    sys.stdout.write(to_json(data).decode() + "\n" if fmt == "json" else to_text(data))
     return 0
 
 
@@ -203,7 +236,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     config = _with(load_config(args.config), changes) if args.config else None
     if config is not None:
         logs.setup(config.server.log_format)
-        for warning in config_warnings(config, _cpus()):
+        for warning in _warnings(config):
             log.warning("config: %s", warning)
     scrub = args.scrub_memory or (config is not None and config.server.scrub_memory)
     if scrub and not hardening.is_scrubbed(environ):
@@ -268,6 +301,8 @@ async def _serve_embedded(changes: dict[str, Any], harden: Callable[[], None]) -
             "-H 'Content-Type: application/json' "
             '-d \'{"model":"mock-n16-d100","stream":true,'
             '"messages":[{"role":"user","content":"Hello zrproxy"}]}\'\n\n'
+            "What is kept and where it goes (the subprocessor register is the mock):\n"
+            f"  curl {api}/v1/policy -H 'Authorization: Bearer {key}'\n\n"
         )
         sys.stdout.flush()
 

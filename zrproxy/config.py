@@ -13,6 +13,7 @@ import fnmatch
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,12 +394,37 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
     )
 
 
+# Headers the proxy owns on the way upstream: framing, hop-by-hop, the upstream key
+# (api_key_env), the identity encoding the usage tap needs, and our request id.
+_PROTECTED_HEADERS = frozenset(
+    {
+        "accept-encoding",
+        "authorization",
+        "connection",
+        "content-encoding",
+        "content-length",
+        "expect",
+        "host",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "x-api-key",
+        "x-request-id",
+    }
+)
+
+
 def _header_overrides(path: str, value: object) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ConfigError(path, "must be a table of header names to string values")
     for name, text in value.items():
         if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
             raise ConfigError(f"{path}.{name}", "is not a valid header name")
+        if name.lower().replace("_", "-") in _PROTECTED_HEADERS:
+            raise ConfigError(f"{path}.{name}", "is set by the proxy and may not be overridden")
         if not isinstance(text, str) or any(c in text for c in "\r\n\0"):
             raise ConfigError(f"{path}.{name}", "must be a string without line breaks")
     return dict(value)
@@ -609,6 +635,15 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
                 ConfigError(f"projects[{i}].audit_log", "needs an [audit] table with dir")
             )
     top.finish()
+    if subprocessors:
+        for i, upstream in enumerate(upstreams):
+            if covering_subprocessor(subprocessors, upstream) is None:
+                found.errors.append(
+                    ConfigError(
+                        f"upstreams[{i}].base_url",
+                        f"host of upstream '{upstream.name}' is in no [[subprocessors]] hosts",
+                    )
+                )
     found.errors += top.errors
     if found.errors:
         raise found.errors[0] if len(found.errors) == 1 else ConfigErrors(found.errors)
@@ -622,6 +657,33 @@ def is_glob(model: str) -> bool:
     return any(c in model for c in "*?[")
 
 
+def upstream_host(upstream: UpstreamConfig) -> str:
+    """The host of an upstream's base_url, lower case (IPv6 in brackets, like `hosts`)."""
+    host = urllib.parse.urlsplit(upstream.base_url).hostname or ""
+    return f"[{host}]" if ":" in host else host
+
+
+def covering_subprocessor(
+    register: tuple[SubprocessorConfig, ...] | list[SubprocessorConfig],
+    upstream: UpstreamConfig,
+) -> SubprocessorConfig | None:
+    """The register entry whose hosts include the upstream's host (the one in use
+    earliest, when several are)."""
+    host = upstream_host(upstream)
+    covering = [s for s in register if host in s.hosts]
+    return min(covering, key=lambda s: s.since, default=None)
+
+
+def activation_dates(config: Config) -> dict[str, datetime.date]:
+    """Per upstream name, the first day routing may use it: its subprocessor's `since`
+    (`date.min`, i.e. always, without a register)."""
+    dates: dict[str, datetime.date] = {}
+    for upstream in config.upstreams:
+        sub = covering_subprocessor(config.subprocessors, upstream)
+        dates[upstream.name] = datetime.date.min if sub is None else sub.since
+    return dates
+
+
 def glob_matcher(globs: tuple[str, ...]) -> Callable[[str], bool]:
     """A compiled matcher for model globs (case-sensitive, like model ids)."""
     pattern = re.compile("|".join(fnmatch.translate(g) for g in globs))
@@ -629,10 +691,23 @@ def glob_matcher(globs: tuple[str, ...]) -> Callable[[str], bool]:
 
 
 def embedded_default(mock_base_url: str, demo_key_sha256: bytes) -> Config:
-    """The config of `zrproxy serve` without --config: every model to the bundled mock."""
+    """The config of `zrproxy serve` without --config: every model to the bundled mock.
+
+    The mock keeps nothing, so it is declared zero-retention (the demo project has zero
+    retention, the default), and it is the one entry of the subprocessor register."""
+    mock = UpstreamConfig("mock", "openai", mock_base_url, region="local", zero_data_retention=True)
     return Config(
         server=ServerConfig(),
-        upstreams=(UpstreamConfig("mock", "openai", mock_base_url, region="local"),),
+        upstreams=(mock,),
         routes=(RouteConfig(name="default", model="*", upstreams=("mock",)),),
         projects=(ProjectConfig(name="demo", key_sha256=(demo_key_sha256,)),),
+        subprocessors=(
+            SubprocessorConfig(
+                name="zrproxy bundled mock upstream",
+                purpose="demo LLM inference (keeps nothing)",
+                location="this machine",
+                hosts=(upstream_host(mock),),
+                since=datetime.date(2000, 1, 1),  # part of the program: always in use
+            ),
+        ),
     )

@@ -47,15 +47,17 @@ ANTHROPIC_VERSION = "2023-06-01"
 def error_body(dialect: Dialect, error: ProxyError) -> bytes:
     """The API's own JSON error document for `error` (fixed text only)."""
     if dialect == "anthropic":
+        # Anthropic's format has no `param`: the (fixed) field name goes in the message.
+        message = error.message if error.param is None else f"{error.message} Field: {error.param}"
         return orjson.dumps(
-            {"type": "error", "error": {"type": error.error_type, "message": error.message}}
+            {"type": "error", "error": {"type": error.error_type, "message": message}}
         )
     return orjson.dumps(
         {
             "error": {
                 "message": error.message,
                 "type": error.error_type,
-                "param": None,
+                "param": error.param,
                 "code": error.code,
             }
         }
@@ -106,27 +108,95 @@ def parse_request(body: bytes, default_model: str | None = None) -> ParsedReques
     return ParsedRequest(payload, model, payload.get("stream") is True, wants_usage)
 
 
+def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` merged in, overrides winning at every depth: nested tables
+    are merged key by key, any other value replaces the client's."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        current = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(current, dict):
+            merged[key] = merge_overrides(current, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _is_set(payload: Mapping[str, Any], forced: Mapping[str, Any]) -> bool:
+    for key, value in forced.items():
+        # `type(...) is` too: False == 0, and a client `store: 0` is not `store: false`.
+        current = payload.get(key, _MISSING)
+        if type(current) is not type(value) or current != value:
+            return False
+    return True
+
+
+_MISSING = object()
+_JSON_SPACE = frozenset(b" \t\r\n")
+# The serialised form of each set of forced fields, built once (a handful of them).
+_HEADS: dict[tuple[tuple[str, Any], ...], bytes] = {}
+
+
+def _with_leading_fields(body: bytes, fields: Mapping[str, Any]) -> bytes | None:
+    """`body` with `fields` spliced in as its object's first keys, or None when the body
+    does not start with `{` (e.g. UTF-16 JSON). Only for fields absent from the body, so
+    no key appears twice; the body has "model", so a comma always follows."""
+    start = 0
+    if body[:1] != b"{":
+        while start < len(body) and body[start] in _JSON_SPACE:
+            start += 1
+        if body[start : start + 1] != b"{":
+            return None
+    key = tuple(fields.items())
+    head = _HEADS.get(key)
+    if head is None:
+        head = _HEADS[key] = b"{" + b"".join(
+            orjson.dumps(k) + b":" + orjson.dumps(v) + b"," for k, v in key
+        )
+    return b"".join((head, memoryview(body)[start + 1 :]))
+
+
 class UpstreamBodies:
     """The body each upstream gets: the client's bytes untouched unless something must
-    change. `clear()` drops the prompt once an upstream has taken the request."""
+    change. `clear()` drops the prompt once an upstream has taken the request.
 
-    __slots__ = ("_ask_usage", "_body", "_request", "_upstream_model")
+    What goes out: the client's fields, then the upstream's `request_overrides` merged
+    over them (winning, nested keys included), then `forced`: fields the proxy itself
+    sets (`store: false` for zero-retention projects), winning over both.
+    """
+
+    __slots__ = ("_ask_usage", "_body", "_forced", "_forced_as_sent", "_request", "_upstream_model")
 
     def __init__(
-        self, body: bytes, request: ParsedRequest, upstream_model: str | None, ask_usage: bool
+        self,
+        body: bytes,
+        request: ParsedRequest,
+        upstream_model: str | None,
+        ask_usage: bool,
+        forced: Mapping[str, Any] | None = None,
     ) -> None:
         self._body = body
         self._request: ParsedRequest | None = request
         self._upstream_model = upstream_model
         self._ask_usage = ask_usage
+        self._forced: Mapping[str, Any] = forced or {}
+        # The client already sent them so: its bytes can go as they are.
+        self._forced_as_sent = _is_set(request.payload, self._forced)
 
     def for_upstream(self, kind: Dialect, overrides: Mapping[str, Any]) -> bytes:
         ask_usage = self._ask_usage and kind == "openai"
+        forced = self._forced
         if not overrides and self._upstream_model is None and not ask_usage:
-            return self._body
+            if self._forced_as_sent:
+                return self._body
+            assert self._request is not None, "body used after clear()"
+            if not any(key in self._request.payload for key in forced):
+                # The common zero-retention case: one copy, no re-serialisation.
+                spliced = _with_leading_fields(self._body, forced)
+                if spliced is not None:
+                    return spliced
         assert self._request is not None, "body used after clear()"
-        payload = dict(self._request.payload)
-        payload.update(overrides)
+        payload = merge_overrides(self._request.payload, overrides)
+        payload.update(forced)
         if self._upstream_model is not None:
             payload["model"] = self._upstream_model
         if ask_usage:

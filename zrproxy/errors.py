@@ -11,17 +11,23 @@ and the only variable parts are names taken from the config (key paths, upstream
         ├── MalformedJSON        400
         ├── MissingModel         400
         ├── InvalidRequest       400
-        ├── InvalidAuth          401
+        ├── ZeroRetentionConflict 400      (names a fixed field from retention_rules)
         ├── UnsupportedEndpoint  400
+        ├── InvalidAuth          401
         ├── ModelNotAllowed      403
         ├── NoUpstreamInRegion   403
+        ├── ZeroRetentionUnavailable 403
+        ├── UpstreamNotYetActive 403
         ├── NotFound             404
         │   ├── UnknownPath      404
         │   └── ModelNotFound    404
+        ├── StoringEndpoint      404
         ├── MethodNotAllowed(allow)  405
         ├── BodyTimeout          408
         ├── BodyTooLarge         413
         ├── UpstreamUnavailable  502
+        ├── UpstreamRedirected   502
+        ├── UpstreamFailedMidStream 502   (in-band, after the first byte)
         ├── ServiceDraining      503
         └── UpstreamTimeout      504
 """
@@ -51,6 +57,8 @@ RejectReason = Literal[
     "draining",
     "region",
     "endpoint",
+    "zero_retention",
+    "not_active",
     "none",
 ]
 
@@ -90,6 +98,8 @@ class ProxyError(ZrproxyError):
     message: ClassVar[str] = "Internal proxy error."
     # Which rejection counter this bumps; "none" for upstream-side failures.
     reject_reason: ClassVar[RejectReason] = "none"
+    # The request field at fault, in OpenAI's `param`; always a fixed string of ours.
+    param: str | None = None
 
     def __init__(self) -> None:
         super().__init__(self.message)
@@ -227,6 +237,59 @@ class NoUpstreamInRegion(ProxyError):
     code = "no_upstream_in_region"
     message = "No upstream for this model is allowed in the project's regions."
     reject_reason = "region"
+
+
+class ZeroRetentionConflict(ProxyError):
+    """The request needs state kept at the provider, which a zero-retention project
+    may not have. `param` is a field name from `retention_rules.RULES`, never input."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "zero_retention_conflict"
+    message = (
+        "This project has zero retention, and the request asks the provider to keep "
+        "state (see field)."
+    )
+    reject_reason = "zero_retention"
+
+    def __init__(self, param: str) -> None:
+        super().__init__()
+        self.param = param
+
+
+class ZeroRetentionUnavailable(ProxyError):
+    status = 403
+    error_type = "permission_error"
+    code = "zero_retention_unavailable"
+    message = (
+        "This project has zero retention, and no upstream of this model with "
+        "zero_data_retention = true serves its regions."
+    )
+    reject_reason = "zero_retention"
+
+
+class StoringEndpoint(ProxyError):
+    status = 404
+    error_type = "not_found_error"
+    code = "storing_endpoint_not_proxied"
+    message = "This endpoint keeps data at the provider; zrproxy does not proxy it."
+    reject_reason = "not_found"
+
+
+class UpstreamNotYetActive(ProxyError):
+    # A policy refusal until the announced day: 4xx, since SDKs retry a 503 at once.
+    status = 403
+    error_type = "permission_error"
+    code = "upstream_not_yet_active"
+    message = "This model's upstreams are announced subprocessors, not in use yet."
+    reject_reason = "not_active"
+
+
+class UpstreamRedirected(ProxyError):
+    status = 502
+    error_type = "api_error"
+    code = "upstream_redirect"
+    message = "The upstream answered with a redirect, which zrproxy never follows."
 
 
 class UpstreamTimeout(ProxyError):

@@ -101,6 +101,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.zero_retention_refusals = Counter(
+            "zrproxy_zero_retention_refusals",
+            "Zero-retention requests refused for asking the provider to keep state, by field.",
+            ["field"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "zrproxy_in_flight_requests",
             "Requests being handled.",

@@ -36,14 +36,19 @@ from zrproxy.errors import (
     ModelNotFound,
     ProxyError,
     ServiceDraining,
+    StoringEndpoint,
     UnknownPath,
     UnsupportedEndpoint,
     UpstreamFailedMidStream,
+    UpstreamRedirected,
     UpstreamTimeout,
+    ZeroRetentionConflict,
 )
 from zrproxy.headers import REQUEST_ID, SSE_HEADERS, client_response_headers, request_id
 from zrproxy.metrics import NONE, Metrics, status_class
-from zrproxy.routing import Router
+from zrproxy.policy import project_report, to_json
+from zrproxy.retention_rules import conflict, forced_fields, is_storing_endpoint
+from zrproxy.routing import DayClock, Router
 from zrproxy.streaming import relay
 from zrproxy.upstream import Upstreams
 from zrproxy.upstream_health import UpstreamHealth
@@ -51,8 +56,10 @@ from zrproxy.usage import UsageTap
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MODEL_PREFIX = MODELS_PATH + "/"
+# A customer's view of its project's data handling (zrproxy.policy).
+POLICY_PATH = "/v1/policy"
 # Request targets that are our own fixed strings; any other target may carry content.
-_PLAIN_TARGETS = frozenset([*ENDPOINTS, MODELS_PATH])
+_PLAIN_TARGETS = frozenset([*ENDPOINTS, MODELS_PATH, POLICY_PATH])
 
 
 @dataclass(slots=True)
@@ -98,7 +105,12 @@ class Proxy:
     """The API listener's request handler."""
 
     def __init__(
-        self, config: Config, upstreams: Upstreams, metrics: Metrics, state: ServiceState
+        self,
+        config: Config,
+        upstreams: Upstreams,
+        metrics: Metrics,
+        state: ServiceState,
+        clock: DayClock | None = None,
     ) -> None:
         # Held once: on Python 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
@@ -106,7 +118,10 @@ class Proxy:
         self._total_timeout = config.server.total_timeout_s
         self._idle_timeout = config.server.idle_timeout_s
         self._auth = Authenticator(config.projects)
-        self._router = Router(config)
+        # "Today" for announced subprocessors (injectable for tests).
+        self.clock = clock if clock is not None else DayClock()
+        self._router = Router(config, self.clock)
+        self._config = config
         self._upstreams = upstreams
         self._metrics = metrics
         self._state = state
@@ -134,9 +149,13 @@ class Proxy:
                 return await self._proxy(request, endpoint, ex)
             if request.path == MODELS_PATH or request.path.startswith(_MODEL_PREFIX):
                 return self._models(request, ex)
+            if request.path == POLICY_PATH:
+                return self._policy(request, ex)
             if request.path.startswith("/v1/"):
                 # An unknown API path says so only to a caller with a valid key.
                 ex.project = self._auth.authenticate(request.headers).name
+            if is_storing_endpoint(request.path):
+                raise StoringEndpoint()
             raise UnknownPath()
         except ProxyError as exc:
             return await self._fail(request, ex, exc)
@@ -173,6 +192,15 @@ class Proxy:
         body = await self._read_body(request)
         ex.bytes_in = len(body)
         parsed = parse_request(body, endpoint.default_model)
+        forced = None
+        if project.zero_retention:
+            # Refused, never rewritten: a client that asked for state must learn it won't
+            # get it. Before routing, so no upstream is contacted.
+            rule = conflict(endpoint.path, parsed.payload)
+            if rule is not None:
+                self._metrics.child(self._metrics.zero_retention_refusals, rule.param).inc()
+                raise ZeroRetentionConflict(rule.param)
+            forced = forced_fields(endpoint.path)
         plan = self._router.plan(project, parsed.model)
         ex.route = plan.route.name
         # Only upstreams that speak this endpoint's API: never a path the upstream lacks.
@@ -183,7 +211,7 @@ class Proxy:
         # We ask OpenAI-style streams for usage when the client did not, then drop that
         # event on the way back (the tap), so token counts work for every stream.
         ask_usage = endpoint.usage_on_request and parsed.stream and not parsed.client_wants_usage
-        bodies = UpstreamBodies(body, parsed, plan.route.upstream_model, ask_usage)
+        bodies = UpstreamBodies(body, parsed, plan.route.upstream_model, ask_usage, forced)
         del body, parsed
         try:
             upstream, response = await self._upstreams.open(
@@ -205,6 +233,10 @@ class Proxy:
     async def _respond(
         self, request: web.BaseRequest, upstream: ClientResponse, ex: _Exchange
     ) -> web.StreamResponse:
+        if 300 <= upstream.status < 400:
+            # Not followed (upstream.py) and not relayed: its Location would send the
+            # client, key and prompt included, to a host that is no subprocessor of ours.
+            raise UpstreamRedirected()
         ex.is_sse = upstream.content_type == "text/event-stream"
         headers = client_response_headers(upstream.headers, ex.rid)
         if ex.is_sse:
@@ -293,6 +325,17 @@ class Proxy:
             body = model_object(dialect, listed)
         ex.status = 200
         # HEAD: aiohttp sends the headers (Content-Length included) and no body.
+        return web.Response(
+            body=body, content_type="application/json", headers={REQUEST_ID: ex.rid}
+        )
+
+    def _policy(self, request: web.BaseRequest, ex: _Exchange) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed("GET, HEAD")
+        project = self._auth.authenticate(request.headers)
+        ex.project = project.name
+        ex.status = 200
+        body = to_json(project_report(self._config, project, self._metrics, self.clock.day()))
         return web.Response(
             body=body, content_type="application/json", headers={REQUEST_ID: ex.rid}
         )

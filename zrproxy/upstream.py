@@ -60,6 +60,9 @@ class Upstreams:
             )
             # Uncompressed from the upstream, so usage can be read as the bytes pass.
             injected = {
+                # The operator's header_overrides win over the client's headers (they are
+                # set after filtering); config refuses overrides of the ones below.
+                **upstream.header_overrides,
                 **auth_headers(upstream.kind, upstream.api_key),
                 "Accept-Encoding": "identity",
             }
@@ -101,6 +104,7 @@ class Upstreams:
                     upstream.urls[path],
                     data=bodies.for_upstream(config.kind, config.request_overrides),
                     headers=headers,
+                    allow_redirects=False,  # a redirect target would be a new subprocessor
                 )
             except TimeoutError as exc:
                 forget(exc)

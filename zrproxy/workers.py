@@ -38,7 +38,10 @@ from zrproxy import logs
 from zrproxy.app import Service, admin_app, run_loop, settle_heap, stop_requested
 from zrproxy.config import Address, Config, export_metrics_dir
 from zrproxy.errors import StartupError
+from zrproxy.metrics import Metrics
+from zrproxy.policy import report, to_json
 from zrproxy.proxy import ServiceState
+from zrproxy.routing import utc_today
 
 log = logging.getLogger("zrproxy")
 _SHM = "/dev/shm"
@@ -88,6 +91,9 @@ class Supervisor:
         self.admin_address: Address | None = None
 
     async def start(self) -> None:
+        # The metric definitions /policy describes: made before the multiprocess setup,
+        # they count nothing and write no file.
+        definitions = Metrics()
         self._metrics_dir = tempfile.mkdtemp(prefix="zrproxy-metrics-", dir=_SHM)
         # Read by prometheus-client in each spawned worker, before its first metric.
         export_metrics_dir(self._metrics_dir)
@@ -101,7 +107,13 @@ class Supervisor:
         registry = CollectorRegistry()
         prometheus_multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
         self._admin_runner = web.AppRunner(
-            admin_app(self._state, registry), access_log=None, handle_signals=False
+            admin_app(
+                self._state,
+                registry,
+                lambda: to_json(report(self.config, definitions, utc_today())),
+            ),
+            access_log=None,
+            handle_signals=False,
         )
         await self._admin_runner.setup()
         site = web.TCPSite(self._admin_runner, server.admin_listen.host, server.admin_listen.port)

@@ -34,12 +34,14 @@ name = "openai-main"
 kind = "openai"
 base_url = "https://api.openai.com/v1"
 api_key_env = "{ENV_VAR}"
+zero_data_retention = true
 
 [[upstreams]]
 name = "anthropic-main"
 kind = "anthropic"
 base_url = "https://api.anthropic.com/v1"
 api_key_env = "{ENV_VAR}"
+zero_data_retention = true
 
 [[routes]]
 name = "gpt"
@@ -57,6 +59,20 @@ key_sha256 = ["{H1}"]
 [[projects]]
 name = "beta"
 key_sha256 = ["{H2}"]
+
+[[subprocessors]]
+name = "OpenAI, L.L.C."
+purpose = "LLM inference"
+location = "US"
+hosts = ["api.openai.com"]
+since = 2026-01-15
+
+[[subprocessors]]
+name = "Anthropic, PBC"
+purpose = "LLM inference"
+location = "US"
+hosts = ["api.anthropic.com"]
+since = 2026-01-15
 """
 
 # (what goes wrong, the edit to VALID, the key path the error must name)

@@ -69,6 +69,7 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "zrproxy_failovers_total": ("counter", frozenset({"route"})),
     "zrproxy_client_aborts_total": ("counter", frozenset({"route"})),
     "zrproxy_rejections_total": ("counter", frozenset({"reason"})),
+    "zrproxy_zero_retention_refusals_total": ("counter", frozenset({"field"})),
     "zrproxy_in_flight_requests": ("gauge", frozenset()),
     "zrproxy_open_streams": ("gauge", frozenset()),
 }
@@ -87,6 +88,8 @@ LABEL_ENUMS = {
         "method",
         "draining",
         "region",
+        "zero_retention",
+        "not_active",
     },
 }
 # Labels Prometheus (and the Prometheus Operator) attach to every scraped series.
@@ -924,6 +927,7 @@ def test_proxy_serves_under_memory_deny_write_execute(tmp_path: Path, flags: lis
             "[server]\n"
             'listen = "127.0.0.1:0"\nadmin_listen = "127.0.0.1:0"\ndrain_timeout_s = 5\n'
             f'[[upstreams]]\nname = "mock"\nkind = "openai"\nbase_url = "{base}/v1"\n'
+            "zero_data_retention = true\n"
             '[[routes]]\nmodel = "*"\nupstreams = ["mock"]\n'
             f'[[projects]]\nname = "mdwe"\nkey_sha256 = ["{sha256(key.encode()).hexdigest()}"]\n'
         )

@@ -247,7 +247,10 @@ async def test_compressed_request_body_reaches_the_upstream_consistently(
 ) -> None:
     # The proxy decodes the body to parse it; what it forwards must match the
     # Content-Encoding it forwards (plain bytes and no header, or the encoded bytes).
-    proxy = await start_proxy([{"name": "up", "kind": "openai", "base_url": recorder.url}])
+    # (Without zero retention, which adds `store: false` to chat bodies.)
+    proxy = await start_proxy(
+        [{"name": "up", "kind": "openai", "base_url": recorder.url}], zero_retention=False
+    )
     plain = chat()
     encoded = gzip.compress(plain) if encoding == "gzip" else zlib.compress(plain)
     headers = {**proxy.auth(), "Content-Encoding": encoding, "Content-Type": "application/json"}
@@ -393,7 +396,10 @@ async def test_upstream_request_id_is_renamed(
 async def test_body_is_forwarded_byte_for_byte(
     recorder: Recorder, start_proxy: StartProxy, session: aiohttp.ClientSession, marker: str
 ) -> None:
-    proxy = await start_proxy([{"name": "up", "kind": "openai", "base_url": recorder.url}])
+    # Without zero retention, which adds `store: false` to chat bodies.
+    proxy = await start_proxy(
+        [{"name": "up", "kind": "openai", "base_url": recorder.url}], zero_retention=False
+    )
     body = (
         b'{ "z": 1,\n  "model" : "gpt-x", "messages":[{"role":"user","content":"'
         + marker.encode()
@@ -427,6 +433,7 @@ async def test_request_overrides_reach_the_upstream(
             {"model": "rec", "upstreams": ["rec"]},
             {"model": "mock*", "upstreams": ["mock"]},
         ],
+        zero_retention=False,  # a zero-retention project may not send store: true at all
     )
     sent = {
         "model": "rec",

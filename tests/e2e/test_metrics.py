@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Mock, StartProxy
 from zrproxy.metrics import STATUS_CLASSES
+from zrproxy.retention_rules import REFUSAL_FIELDS
 
 PATHS = [
     "/v1/chat/completions",
@@ -35,7 +36,10 @@ FIXED_ENUMS = {
         "draining",
         "region",
         "endpoint",
+        "zero_retention",
+        "not_active",
     },
+    "field": set(REFUSAL_FIELDS),
     "le": None,  # histogram buckets: fixed by the code
 }
 
@@ -106,6 +110,7 @@ async def test_series_stay_within_the_config_bound(mock: Mock, start_proxy: Star
         "zrproxy_failovers": routes_n,
         "zrproxy_client_aborts": routes_n,
         "zrproxy_rejections": len(FIXED_ENUMS["reason"]),  # type: ignore[arg-type]
+        "zrproxy_zero_retention_refusals": len(REFUSAL_FIELDS),
         "zrproxy_in_flight_requests": 1,
         "zrproxy_open_streams": 1,
     }

@@ -194,7 +194,8 @@ def test_prometheus_scrapes_proxy_traffic(tmp_path: Path, shm_dir: Path) -> None
             "[[upstreams]]\n"
             'name = "mock"\n'
             'kind = "openai"\n'
-            f'base_url = "{upstream}/v1"\n\n'
+            f'base_url = "{upstream}/v1"\n'
+            "zero_data_retention = true\n\n"
             "[[routes]]\n"
             'name = "all"\n'
             'model = "*"\n'

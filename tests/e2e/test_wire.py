@@ -114,9 +114,11 @@ async def test_unknown_api_path_authenticates_before_its_404(
     proxy: RunningProxy, session: aiohttp.ClientSession
 ) -> None:
     # Without a key nobody learns which paths exist; with one, 404 says what it was.
-    async with session.post(proxy.url + "/v1/files", data=b"{}") as resp:
+    async with session.post(proxy.url + "/v1/nothing-here", data=b"{}") as resp:
         assert resp.status == 401
-    async with session.post(proxy.url + "/v1/files", data=b"{}", headers=proxy.auth()) as resp:
+    async with session.post(
+        proxy.url + "/v1/nothing-here", data=b"{}", headers=proxy.auth()
+    ) as resp:
         assert resp.status == 404
         assert (await resp.json())["error"]["code"] == "unknown_path"
     async with session.get(proxy.url + "/", headers=proxy.auth()) as resp:

@@ -39,6 +39,10 @@ EXPECTED = {
     "bad_key": 401,
     "too_large": 413,
     "malformed_http": 400,
+    "zero_retention_conflict": 400,
+    "zero_retention_unavailable": 403,
+    "storing_endpoint": 404,
+    "policy": 200,
 }
 
 

@@ -127,11 +127,21 @@ def test_authenticator_from_parsed_config() -> None:
 def routing_config(**project: Any) -> Config:
     return parse_config(
         {
+            # Region routing here (all upstreams keep nothing); zero-retention filtering
+            # is tested in test_zero_retention.py.
             "upstreams": [
-                {"name": "oa-eu", "kind": "openai", "base_url": "http://a", "region": "eu"},
-                {"name": "oa-us", "kind": "openai", "base_url": "http://b", "region": "us"},
-                {"name": "anth-us", "kind": "anthropic", "base_url": "http://c", "region": "us"},
-                {"name": "local", "kind": "openai", "base_url": "http://d"},
+                {**u, "zero_data_retention": True}
+                for u in (
+                    {"name": "oa-eu", "kind": "openai", "base_url": "http://a", "region": "eu"},
+                    {"name": "oa-us", "kind": "openai", "base_url": "http://b", "region": "us"},
+                    {
+                        "name": "anth-us",
+                        "kind": "anthropic",
+                        "base_url": "http://c",
+                        "region": "us",
+                    },
+                    {"name": "local", "kind": "openai", "base_url": "http://d"},
+                )
             ],
             "routes": [
                 {"name": "gpt4o", "model": "gpt-4o*", "upstreams": ["oa-eu", "oa-us"]},
@@ -244,6 +254,7 @@ def test_visible_models_lists_only_ids_a_client_can_pick() -> None:
 
 def dataclass_dict(upstream: Any) -> dict[str, Any]:
     out = {"name": upstream.name, "kind": upstream.kind, "base_url": upstream.base_url}
+    out["zero_data_retention"] = True
     return out | ({"region": upstream.region} if upstream.region else {})
 
 

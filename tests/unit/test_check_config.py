@@ -4,6 +4,7 @@ for legal but likely wrong settings, `--no-env`, pasted keys refused unprinted; 
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import os
@@ -11,6 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -36,6 +38,7 @@ def clean() -> dict[str, object]:
                 "base_url": "https://api.openai.com/v1",
                 "api_key_env": ENV,
                 "region": "us",
+                "zero_data_retention": True,
             },
             {
                 "name": "anthropic",
@@ -43,6 +46,7 @@ def clean() -> dict[str, object]:
                 "base_url": "https://api.anthropic.com/v1",
                 "api_key_env": ENV,
                 "region": "eu",
+                "zero_data_retention": True,
             },
         ],
         "routes": [
@@ -51,7 +55,23 @@ def clean() -> dict[str, object]:
         ],
         "projects": [
             {"name": "acme", "key_sha256": [H1], "models": ["gpt-4o-mini", "claude-*"]},
-            {"name": "beta", "key_sha256": [H2], "regions": ["eu"]},
+            {"name": "beta", "key_sha256": [H2], "regions": ["eu", "us"]},
+        ],
+        "subprocessors": [
+            {
+                "name": "OpenAI",
+                "purpose": "LLM inference",
+                "location": "US",
+                "hosts": ["api.openai.com"],
+                "since": datetime.date(2026, 1, 15),
+            },
+            {
+                "name": "Anthropic",
+                "purpose": "LLM inference",
+                "location": "US",
+                "hosts": ["api.anthropic.com"],
+                "since": datetime.date(2026, 1, 15),
+            },
         ],
     }
 
@@ -230,6 +250,8 @@ def test_no_env_validates_without_the_secrets(
 def edit_base_url(url: str) -> dict[str, object]:
     data = clean()
     data["upstreams"][0]["base_url"] = url  # type: ignore[index]
+    # The register must cover the new host, or the config is refused (not warned about).
+    data["subprocessors"][0]["hosts"] = [urlsplit(url).hostname]  # type: ignore[index]
     return data
 
 
@@ -253,6 +275,13 @@ def with_route(route: dict[str, object], at: int | None = None) -> dict[str, obj
     return data
 
 
+def pinned(data: dict[str, object], project: str, regions: list[str]) -> dict[str, object]:
+    for entry in data["projects"]:  # type: ignore[attr-defined]
+        if entry["name"] == project:
+            entry["regions"] = regions
+    return data
+
+
 def outside_regions() -> dict[str, object]:
     data = edit(("projects", 0, "models"), ["gpt-4o-mini"])
     data["projects"][1]["regions"] = ["us"]  # type: ignore[index]
@@ -272,7 +301,7 @@ WARNINGS = [
     ),
     (
         "route no project may use",
-        with_route({"model": "o1*", "upstreams": ["openai"]}),
+        pinned(with_route({"model": "o1*", "upstreams": ["openai"]}), "beta", ["eu"]),
         "routes[2]",
     ),
     ("route outside every project's regions", outside_regions(), "routes[1]"),
@@ -309,7 +338,8 @@ def test_warning(
 ) -> None:
     code, out, err = check(tmp_path, capsys, data)
     assert code == 0 and "config ok" in out
-    lines = err.splitlines()
+    # Projects a route can never serve are policy warnings, tested in test_regions.py.
+    lines = [line for line in err.splitlines() if not line.startswith("warning: project '")]
     assert [line.split(": ", 2)[1] for line in lines] == [key_path], err
     assert lines[0].startswith("warning: ")
 

@@ -29,6 +29,8 @@ _BELOW_PROXY = _LEAVES | {
     "routing",
     "upstream",
     "streaming",
+    "retention_rules",
+    "policy",
 }
 # Module -> the zrproxy modules it may import. Lower layers never import higher ones.
 ALLOWED: dict[str, set[str]] = {
@@ -46,11 +48,13 @@ ALLOWED: dict[str, set[str]] = {
     "usage": set(),
     "auth": {"config", "errors"},
     "routing": {"config", "errors"},
+    "retention_rules": set(),
+    "policy": {"config", "metrics", "routing"},
     "upstream": {"config", "errors", "headers", "dialects"},
     "streaming": {"usage", "errors"},
     "proxy": _BELOW_PROXY,
-    "app": {"proxy", "upstream", "metrics", "config", "errors"},
-    "workers": {"app", "proxy", "config", "metrics", "errors", "logs"},
+    "app": {"proxy", "upstream", "metrics", "config", "errors", "policy", "routing"},
+    "workers": {"app", "proxy", "config", "metrics", "errors", "logs", "policy", "routing"},
     "checks": {"config"},
     "cli": set(MODULES) - {"cli", "__main__"},
     "__main__": {"cli"},
