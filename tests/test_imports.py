@@ -20,6 +20,8 @@ _BELOW_PROXY = _LEAVES | {
     "routing",
     "upstream",
     "streaming",
+    "audit",
+    "auditfiles",
 }
 # Module -> the zrproxy modules it may import. Lower layers never import higher ones.
 ALLOWED: dict[str, set[str]] = {
@@ -37,8 +39,11 @@ ALLOWED: dict[str, set[str]] = {
     "routing": {"config", "errors"},
     "upstream": {"config", "errors", "headers", "dialects"},
     "streaming": {"usage", "errors"},
+    "auditfiles": set(),
+    "audit": {"auditfiles", "config", "metrics", "usage"},
+    "auditcli": {"auditfiles", "config", "errors"},
     "proxy": _BELOW_PROXY,
-    "app": {"proxy", "upstream", "metrics", "config", "errors"},
+    "app": {"proxy", "upstream", "metrics", "config", "errors", "audit"},
     "workers": {"app", "proxy", "config", "metrics", "errors"},
     "cli": set(MODULES) - {"cli", "__main__", "__init__"},
     "__main__": {"cli"},

@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
+from zrproxy.audit import AuditLog, Clock, utc_now
 from zrproxy.config import Address, Config
 from zrproxy.errors import StartupError
 from zrproxy.metrics import Metrics
@@ -107,6 +108,7 @@ class Service:
         exposition_registry: CollectorRegistry | None = None,
         reuse_port: bool = False,
         admin: bool = True,
+        audit_clock: Clock = utc_now,
     ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics()
@@ -120,13 +122,18 @@ class Service:
         self._api_site: web.TCPSite | None = None
         self._admin_runner: web.AppRunner | None = None
         self._trimmer: asyncio.Task[None] | None = None
+        self.audit = AuditLog.from_config(config, self.metrics, audit_clock)
         self.api_address: Address | None = None
         self.admin_address: Address | None = None
 
     async def start(self) -> None:
         server = self.config.server
         self._upstreams = Upstreams(self.config)
-        proxy = Proxy(self.config, self._upstreams, self.metrics, self.state)
+        if self.audit is not None:
+            # Expired records go before we serve; the writer thread repeats this hourly.
+            await asyncio.to_thread(self.audit.sweep)
+            self.audit.start()
+        proxy = Proxy(self.config, self._upstreams, self.metrics, self.state, self.audit)
         self._api_server = _ApiServer(
             proxy.handle,
             on_bad_request=self.metrics.child(self.metrics.rejections, "malformed").inc,
@@ -197,6 +204,8 @@ class Service:
             await self._admin_runner.cleanup()
         if self._upstreams is not None:
             await self._upstreams.close()
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)  # writes what is still queued
         log.info("stopped")
 
 

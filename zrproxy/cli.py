@@ -1,4 +1,4 @@
-"""The `zrproxy` command: serve, check-config, keygen, mock-upstream.
+"""The `zrproxy` command: serve, check-config, keygen, mock-upstream, audit.
 
 `main(argv) -> int` is the whole program, so tests run it in-process.
 """
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from zrproxy import hardening, mock_upstream
+from zrproxy import auditcli, hardening, mock_upstream
 from zrproxy.app import Service, run_loop, settle_heap, stop_requested
 from zrproxy.auth import new_key
 from zrproxy.config import (
@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--project", default="my-project")
     mock = commands.add_parser("mock-upstream", help="run the bundled mock upstream")
     mock.add_argument("--listen", default="127.0.0.1:9999")
+    auditcli.add_parser(commands)
     return parser
 
 
@@ -62,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _keygen(args.project)
         if args.command == "mock-upstream":
             return mock_upstream.main(["--listen", args.listen])
+        if args.command == "audit":
+            return auditcli.main(args)
         return _serve(args, argv)
     except ConfigError as exc:
         sys.stderr.write(f"config error: {exc}\n")

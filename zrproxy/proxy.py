@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from aiohttp import ClientResponse, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from zrproxy.audit import RETENTION_HEADER, AuditLog, AuditRecord, RecordingTap, retention_mode
 from zrproxy.auth import Authenticator
 from zrproxy.caches import forget_request_urls
 from zrproxy.config import Config
@@ -81,6 +82,8 @@ class _Exchange:
     response: web.StreamResponse | None = None
     is_sse: bool = False
     expired: bool = False  # the total deadline cancelled the handler
+    retention: str | None = None  # the ZR-Data-Retention value, once the project is known
+    audit: AuditRecord | None = None  # only for projects with an audit log
 
 
 def _expire(ex: _Exchange, task: asyncio.Task[object]) -> None:
@@ -92,7 +95,12 @@ class Proxy:
     """The API listener's request handler."""
 
     def __init__(
-        self, config: Config, upstreams: Upstreams, metrics: Metrics, state: ServiceState
+        self,
+        config: Config,
+        upstreams: Upstreams,
+        metrics: Metrics,
+        state: ServiceState,
+        audit: AuditLog | None = None,
     ) -> None:
         # Held once: on Python 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
@@ -104,6 +112,11 @@ class Proxy:
         self._upstreams = upstreams
         self._metrics = metrics
         self._state = state
+        self._audit = audit
+        self._retention = {p.name: retention_mode(p) for p in config.projects}
+        for p in config.projects:
+            zero, logged = str(p.zero_retention).lower(), str(p.audit_log is not None).lower()
+            metrics.project_info.labels(p.name, zero, logged).set(1)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         loop = self._loop
@@ -145,6 +158,8 @@ class Proxy:
             self._state.handlers.discard(task)
             self._metrics.in_flight.dec()
             self._record(ex, loop.time())
+            if ex.audit is not None:
+                self._submit_audit(ex, loop.time())
             if request.raw_path not in _PLAIN_TARGETS:
                 forget_request_urls()  # a query string or unknown path is content
 
@@ -159,8 +174,13 @@ class Proxy:
             raise ServiceDraining()
         project = self._auth.authenticate(request.headers)
         ex.project = project.name
+        ex.retention = self._retention[project.name]
+        if project.audit_log is not None and self._audit is not None:
+            ex.audit = self._audit.record(project.name, ex.rid)
         body = await self._read_body(request)
         ex.bytes_in = len(body)
+        if ex.audit is not None:
+            ex.audit.request(body)
         parsed = parse_request(body)
         plan = self._router.plan(project, parsed.model)
         ex.route = plan.route.name
@@ -179,7 +199,8 @@ class Proxy:
         ex.upstream = upstream.name
         if len(plan.upstreams) > 1 and upstream is not plan.upstreams[0]:
             self._metrics.child(self._metrics.failovers, ex.route).inc()
-        ex.tap = UsageTap(strip_usage_event=ask_usage and upstream.kind == "openai")
+        strip = ask_usage and upstream.kind == "openai"
+        ex.tap = UsageTap(strip) if ex.audit is None else RecordingTap(ex.audit, strip)
         try:
             return await self._respond(request, response, ex)
         finally:
@@ -192,6 +213,8 @@ class Proxy:
         headers = client_response_headers(upstream.headers, ex.rid)
         if ex.is_sse:
             headers.update(SSE_HEADERS)
+        if ex.retention is not None:
+            headers[RETENTION_HEADER] = ex.retention
         out = web.StreamResponse(status=upstream.status, headers=headers)
         if not ex.is_sse and upstream.content_length is not None:
             out.content_length = upstream.content_length
@@ -210,6 +233,8 @@ class Proxy:
             result.chunks,
             result.first_byte_at,
         )
+        if ex.audit is not None:
+            ex.audit.sent(result.bytes_out)
         if result.outcome == "completed":
             return out
         if result.outcome == "client_gone":
@@ -264,10 +289,13 @@ class Proxy:
             raise MethodNotAllowed()
         project = self._auth.authenticate(request.headers)
         ex.project = project.name
+        ex.retention = self._retention[project.name]
         ex.status = 200
         body = models_list(self._router.visible_models(project))
         return web.Response(
-            body=body, content_type="application/json", headers={REQUEST_ID: ex.rid}
+            body=body,
+            content_type="application/json",
+            headers={REQUEST_ID: ex.rid, RETENTION_HEADER: ex.retention},
         )
 
     # --- failures and metrics ---------------------------------------------------------------
@@ -284,11 +312,14 @@ class Proxy:
         started = ex.response
         if started is None or not started.prepared:
             ex.status = error.status
+            body = error_body(ex.dialect, error)
+            headers = {REQUEST_ID: ex.rid}
+            if ex.retention is not None:  # not before the project is known (e.g. 401)
+                headers[RETENTION_HEADER] = ex.retention
+            if ex.audit is not None:
+                ex.audit.response(body)
             response = web.Response(
-                status=error.status,
-                body=error_body(ex.dialect, error),
-                content_type="application/json",
-                headers={REQUEST_ID: ex.rid},
+                status=error.status, body=body, content_type="application/json", headers=headers
             )
             if error.status in (408, 413) or error.reject_reason == "draining":
                 response.force_close()  # don't read the rest of a body we refused
@@ -296,13 +327,29 @@ class Proxy:
         # The status line is gone: say it in-band if we can, else cut the connection so
         # the client can't take a truncated body for a whole one.
         if ex.is_sse:
+            event = sse_error_event(ex.dialect, error)
             try:
-                await started.write(sse_error_event(ex.dialect, error))
+                await started.write(event)
             except ConnectionError:
                 pass
+            else:
+                if ex.audit is not None:
+                    ex.audit.response(event)
         elif request.transport is not None:
             request.transport.close()
         return started
+
+    def _submit_audit(self, ex: _Exchange, finished: float) -> None:
+        assert ex.audit is not None and self._audit is not None
+        self._audit.submit(
+            ex.audit,
+            route=ex.route,
+            upstream=ex.upstream,
+            status=ex.status or 499,
+            duration_s=round(finished - ex.started, 6),
+            stream=ex.stream,
+        )
+        ex.audit = None
 
     def _record(self, ex: _Exchange, finished: float) -> None:
         m = self._metrics
