@@ -4,19 +4,30 @@ zero-retention one, and waiting for the writer (test helper)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pyrage
 import pytest
 from pyrage import x25519
 
-from tests.conftest import RunningProxy, metric
+from tests.conftest import Mock, RunningProxy, metric
+from zrproxy.app import Service
+from zrproxy.audit import utc_now
+from zrproxy.auth import new_key
+from zrproxy.config import parse_config
+
+CHAT = "/v1/chat/completions"
+MESSAGES = "/v1/messages"
 
 AGE = shutil.which("age")
 AGE_KEYGEN = shutil.which("age-keygen")
@@ -50,6 +61,14 @@ def pyrage_decrypt(path: Path, identity: Path) -> dict[str, Any]:
     key = x25519.Identity.from_str(identity.read_text().strip().splitlines()[-1])
     record: dict[str, Any] = orjson.loads(pyrage.decrypt(path.read_bytes(), [key]))
     return record
+
+
+def chat(model: str, text: str, stream: bool) -> dict[str, Any]:
+    return {"model": model, "stream": stream, "messages": [{"role": "user", "content": text}]}
+
+
+def anthropic(model: str, text: str, stream: bool) -> dict[str, Any]:
+    return {**chat(model, text, stream), "max_tokens": 64}
 
 
 def audited_config(
@@ -107,3 +126,63 @@ async def wait_for(check: Callable[[], Any], timeout_s: float = 15.0) -> None:
 
 def files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+@dataclass
+class Audited:
+    proxy: RunningProxy  # .key is project beta's (the audit project)
+    keys: dict[str, str]  # project -> API key
+    audit_dir: Path
+    identity: Path
+    config: dict[str, Any]  # as parsed TOML
+
+    async def post(
+        self, path: str, body: dict[str, Any], project: str = "beta", rid: str | None = None
+    ) -> tuple[int, bytes, dict[str, str]]:
+        headers = {"Authorization": f"Bearer {self.keys[project]}"}
+        if path == MESSAGES:
+            headers["anthropic-version"] = "2023-06-01"
+        if rid is not None:
+            headers["X-Request-Id"] = rid
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(self.proxy.url + path, data=orjson.dumps(body), headers=headers) as resp,
+        ):
+            return resp.status, await resp.read(), dict(resp.headers)
+
+
+Start = Callable[..., Awaitable[Audited]]
+
+
+@contextlib.asynccontextmanager
+async def audited_services(mock: Mock, tmp_path: Path) -> AsyncIterator[Start]:
+    """start(audit=..., clock=..., retention_days=...) -> Audited; all stopped at exit."""
+    services: list[Service] = []
+    recipient, identity = keypair(tmp_path)
+
+    async def start(
+        audit: dict[str, Any] | None = None,
+        clock: Callable[[], datetime.datetime] = utc_now,
+        retention_days: int = 30,
+    ) -> Audited:
+        keys, digests = {}, {}
+        for name in ("zr", "beta", "meta"):
+            keys[name], digests[name] = new_key()
+        audit_dir = tmp_path / "audit"
+        data = audited_config(mock.url, recipient, audit_dir, digests, audit, retention_days)
+        service = Service(parse_config(data, {}), audit_clock=clock)
+        await service.start()
+        services.append(service)
+        proxy = RunningProxy(
+            service,
+            f"http://{service.api_address}",
+            f"http://{service.admin_address}",
+            keys["beta"],
+        )
+        return Audited(proxy, keys, audit_dir, identity, data)
+
+    try:
+        yield start
+    finally:
+        for service in services:
+            await service.stop()

@@ -9,8 +9,7 @@ import datetime
 import gc
 import secrets
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,88 +18,28 @@ import orjson
 import pytest
 
 from tests.audited import (
+    CHAT,
+    MESSAGES,
+    Start,
     age_decrypt,
+    anthropic,
     audit_count,
-    audited_config,
+    audited_services,
+    chat,
     files_under,
-    keypair,
     needs_age,
     wait_for,
 )
 from tests.conftest import Mock, RunningProxy, metric
 from zrproxy import audit as audit_module
 from zrproxy import auditfiles
-from zrproxy.app import Service
-from zrproxy.audit import AuditRecord, utc_now
-from zrproxy.auth import new_key
-from zrproxy.config import parse_config
-
-CHAT = "/v1/chat/completions"
-MESSAGES = "/v1/messages"
-
-
-@dataclass
-class Audited:
-    proxy: RunningProxy  # .key is project beta's (the audit project)
-    keys: dict[str, str]  # project -> API key
-    audit_dir: Path
-    identity: Path
-
-    async def post(
-        self, path: str, body: dict[str, Any], project: str = "beta", rid: str | None = None
-    ) -> tuple[int, bytes, dict[str, str]]:
-        headers = {"Authorization": f"Bearer {self.keys[project]}"}
-        if path == MESSAGES:
-            headers["anthropic-version"] = "2023-06-01"
-        if rid is not None:
-            headers["X-Request-Id"] = rid
-        async with (
-            aiohttp.ClientSession() as s,
-            s.post(self.proxy.url + path, data=orjson.dumps(body), headers=headers) as resp,
-        ):
-            return resp.status, await resp.read(), dict(resp.headers)
-
-
-Start = Callable[..., Awaitable[Audited]]
+from zrproxy.audit import AuditRecord
 
 
 @pytest.fixture
 async def start_audited(mock: Mock, tmp_path: Path) -> AsyncIterator[Start]:
-    services: list[Service] = []
-    recipient, identity = keypair(tmp_path)
-
-    async def start(
-        audit: dict[str, Any] | None = None,
-        clock: Callable[[], datetime.datetime] = utc_now,
-        retention_days: int = 30,
-    ) -> Audited:
-        keys, digests = {}, {}
-        for name in ("zr", "beta", "meta"):
-            keys[name], digests[name] = new_key()
-        audit_dir = tmp_path / "audit"
-        data = audited_config(mock.url, recipient, audit_dir, digests, audit, retention_days)
-        service = Service(parse_config(data, {}), audit_clock=clock)
-        await service.start()
-        services.append(service)
-        proxy = RunningProxy(
-            service,
-            f"http://{service.api_address}",
-            f"http://{service.admin_address}",
-            keys["beta"],
-        )
-        return Audited(proxy, keys, audit_dir, identity)
-
-    yield start
-    for service in services:
-        await service.stop()
-
-
-def chat(model: str, text: str, stream: bool) -> dict[str, Any]:
-    return {"model": model, "stream": stream, "messages": [{"role": "user", "content": text}]}
-
-
-def anthropic(model: str, text: str, stream: bool) -> dict[str, Any]:
-    return {**chat(model, text, stream), "max_tokens": 64}
+    async with audited_services(mock, tmp_path) as start:
+        yield start
 
 
 @needs_age
