@@ -27,6 +27,9 @@ FIXED_ENUMS = {
     "kind": {"connect", "timeout", "status_429", "status_5xx", "reset"},
     "reason": {"auth", "model", "size", "malformed", "not_found", "method", "draining", "region"},
     "le": None,  # histogram buckets: fixed by the code
+    "outcome": {"written", "dropped_queue_full", "dropped_write_error"},
+    "zero_retention": {"true", "false"},
+    "audit_log": {"true", "false"},
 }
 
 
@@ -98,6 +101,8 @@ async def test_series_stay_within_the_config_bound(mock: Mock, start_proxy: Star
         "zrproxy_rejections": len(FIXED_ENUMS["reason"]),  # type: ignore[arg-type]
         "zrproxy_in_flight_requests": 1,
         "zrproxy_open_streams": 1,
+        "zrproxy_project_info": len(config.projects),
+        "zrproxy_audit_records": len(config.projects) * 3,
     }
     assert set(series) <= set(bound), set(series) - set(bound)
     for name, count in series.items():
