@@ -304,3 +304,28 @@ async def test_retention_deletes_old_records_while_running(
         return auditfiles.record_files(str(a.audit_dir), "beta") == []
 
     await wait_for(gone)
+
+
+async def test_records_still_queued_are_written_at_shutdown(
+    start_audited: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocked = _BlockedSeal()
+    monkeypatch.setattr(auditfiles.pyrage, "encrypt", blocked)
+    a = await start_audited({"queue_records": 10})
+    for _ in range(4):
+        assert (await a.post(CHAT, chat("mock-n3", "hi", False)))[0] == 200
+    assert await asyncio.to_thread(blocked.entered.wait, 10)
+    assert auditfiles.record_files(str(a.audit_dir), "beta") == []
+    blocked.release.set()
+    await a.proxy.service.stop()  # the fixture's second stop() finds nothing left to do
+    assert len(auditfiles.record_files(str(a.audit_dir), "beta")) == 4
+
+
+async def test_a_part_deleted_under_the_writer_costs_no_record(start_audited: Start) -> None:
+    a = await start_audited()
+    assert (await a.post(CHAT, chat("mock-n3", "hi", False)))[0] == 200
+    await wait_for(lambda: _count_is(a.proxy, "written", 1))
+    assert auditfiles.delete_before(str(a.audit_dir), "beta", datetime.date.max) == 1
+    assert (await a.post(CHAT, chat("mock-n3", "hi", False)))[0] == 200
+    await wait_for(lambda: _count_is(a.proxy, "written", 2))
+    assert len(auditfiles.record_files(str(a.audit_dir), "beta")) == 1

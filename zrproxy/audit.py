@@ -24,6 +24,7 @@ import datetime
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -235,9 +236,10 @@ class AuditLog:
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        next_sweep = self._clock().timestamp() + SWEEP_EVERY_S
+        # The schedule runs on the monotonic clock; `self._clock` only says which day it is.
+        next_sweep = time.monotonic() + SWEEP_EVERY_S
         while True:
-            wait = max(0.0, next_sweep - self._clock().timestamp())
+            wait = max(0.0, next_sweep - time.monotonic())
             try:
                 item = self._queue.get(timeout=wait)
             except queue.Empty:
@@ -247,9 +249,9 @@ class AuditLog:
             if isinstance(item, AuditRecord):
                 self._write(item)
                 item = None
-            if self._clock().timestamp() >= next_sweep:
+            if time.monotonic() >= next_sweep:
                 self.sweep()
-                next_sweep = self._clock().timestamp() + SWEEP_EVERY_S
+                next_sweep = time.monotonic() + SWEEP_EVERY_S
 
     def _write(self, record: AuditRecord) -> None:
         plaintext = record.to_json()

@@ -56,6 +56,15 @@ class SealedFiles:
             or (self._part_bytes and self._part_bytes + len(sealed) > self._max_file_bytes)
         ):
             self._new_part(day, now)
+        try:
+            self._write_in_part(request_id, sealed)
+        except FileNotFoundError:
+            # Our part was deleted under us (`zrproxy audit delete`): one more try.
+            self._new_part(day, now)
+            self._write_in_part(request_id, sealed)
+        return len(sealed)
+
+    def _write_in_part(self, request_id: str, sealed: bytes) -> None:
         assert self._part is not None
         self._seq += 1
         final = self._part / f"{self._seq:06d}-{request_id}{SUFFIX}"
@@ -71,7 +80,6 @@ class SealedFiles:
                 pass
             raise
         self._part_bytes += len(sealed)
-        return len(sealed)
 
     def _new_part(self, day: str, now: datetime.datetime) -> None:
         self._parts += 1
