@@ -329,3 +329,34 @@ async def test_a_part_deleted_under_the_writer_costs_no_record(start_audited: St
     assert (await a.post(CHAT, chat("mock-n3", "hi", False)))[0] == 200
     await wait_for(lambda: _count_is(a.proxy, "written", 2))
     assert len(auditfiles.record_files(str(a.audit_dir), "beta")) == 1
+
+
+async def test_a_stream_cut_upstream_is_recorded_with_its_error_event(start_audited: Start) -> None:
+    a = await start_audited()
+    status, got, _ = await a.post(CHAT, chat("mock-n10-r3", "hi", True))
+    assert status == 200 and b'"error"' in got  # the in-band SSE error event
+    await wait_for(lambda: _count_is(a.proxy, "written", 1))
+    (path,) = auditfiles.record_files(str(a.audit_dir), "beta")
+    record = orjson.loads(auditfiles.open_record(path, auditfiles.read_identities(str(a.identity))))
+    assert record["response"]["text"].encode() == got
+
+
+def test_a_record_keeps_only_what_reached_the_client() -> None:
+    record = AuditRecord("p", "rid", 5, datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC))
+    for chunk in (b"abc", b"def", b"ghi"):
+        record.response(chunk)
+    record.sent(4)  # the write of "def" failed after one byte, say
+    parsed = orjson.loads(record.to_json())
+    assert parsed["response"] == {"text": "abcd", "bytes": 4, "truncated": False}
+    record.sent(2)
+    assert orjson.loads(record.to_json())["response"]["text"] == "ab"
+
+
+def test_bodies_that_are_not_utf8_are_kept_as_base64() -> None:
+    record = AuditRecord("p", "rid", 100, datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC))
+    record.request(b"\xff\xfe\x00binary")
+    record.response(b"plain")
+    parsed = orjson.loads(record.to_json())
+    assert parsed["request"] == {"base64": "//4AYmluYXJ5", "bytes": 9, "truncated": False}
+    assert parsed["response"]["text"] == "plain"
+    assert parsed["time"] == "2026-01-01T00:00:00Z"
