@@ -24,7 +24,7 @@ import pytest
 
 from tests.audited import age_decrypt, keypair, needs_age
 from tests.processes import Proc, mock_process, proxy_process
-from tests.test_nodisk import STRACE, TRACED, _children, violations
+from tests.test_nodisk import _WRITE, STRACE, TRACED, _children, violations
 from tests.traffic import drive_every_path, retention_config
 from zrproxy import auditfiles
 from zrproxy.auth import new_key
@@ -128,7 +128,10 @@ async def test_audit_traffic_writes_only_ciphertext_under_the_audit_dir(tmp_path
     # Every path the proxy created, renamed or opened for writing is in the audit dir.
     written = set()
     for line in violations(trace):
-        written.update(_PATHS.findall(line))
+        if match := _WRITE.match(line):
+            written.add(match.group(3))  # the file behind the fd, not the (sealed) data
+        else:
+            written.update(_PATHS.findall(line))
     assert written, "the trace saw no record being written"
     outside = {p for p in written if p != str(audit_dir) and not p.startswith(f"{audit_dir}/")}
     assert outside == set()

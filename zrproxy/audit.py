@@ -254,15 +254,17 @@ class AuditLog:
                 next_sweep = time.monotonic() + SWEEP_EVERY_S
 
     def _write(self, record: AuditRecord) -> None:
-        plaintext = record.to_json()
-        record.clear()
+        plaintext = b""
         try:
+            plaintext = record.to_json()
+            record.clear()
             self._files[record.project].write(record.request_id, plaintext, record.time)
             outcome: AuditOutcome = "written"
         except OSError:
             outcome = "dropped_write_error"  # its text names a path, never content
-        except Exception as exc:  # pyrage's errors: never let the writer die
+        except Exception as exc:  # pyrage.EncryptError or worse: the writer must not die
             log.error("audit record not sealed (%s)", type(exc).__name__)
             outcome = "dropped_write_error"
+        record.clear()
         del plaintext
         self._counters[record.project, outcome].inc()

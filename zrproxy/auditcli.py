@@ -11,6 +11,8 @@ import argparse
 import datetime
 import sys
 
+import pyrage
+
 from zrproxy import auditfiles
 from zrproxy.config import AuditConfig, load_config
 from zrproxy.errors import ConfigError
@@ -66,10 +68,8 @@ def _delete(audit: AuditConfig, args: argparse.Namespace) -> int:
 def _export(audit: AuditConfig, project: str, identity_file: str) -> int:
     try:
         identities = auditfiles.read_identities(identity_file)
-    except (OSError, ValueError):
-        identities = []
-    except Exception:  # pyrage.IdentityError: a malformed key line
-        identities = []
+    except (OSError, UnicodeDecodeError, pyrage.IdentityError):
+        identities = []  # unreadable, or a malformed key line: the error text quotes it
     if not identities:
         sys.stderr.write("audit export: no usable AGE-SECRET-KEY-1 identity in --identity\n")
         return 2
@@ -78,7 +78,7 @@ def _export(audit: AuditConfig, project: str, identity_file: str) -> int:
     for path in auditfiles.record_files(audit.dir, project):
         try:
             out.write(auditfiles.open_record(path, identities))
-        except Exception:  # pyrage.DecryptError (wrong key, damaged file) or OSError
+        except (pyrage.DecryptError, OSError):  # not for this key, damaged, or just deleted
             failed += 1
     out.flush()
     if failed:
