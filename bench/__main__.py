@@ -17,7 +17,7 @@ from typing import Any
 
 import uvloop
 
-from bench import latency, procs, profile, report, servers, streams, throughput, wrk
+from bench import audit, latency, procs, profile, report, servers, streams, throughput, wrk
 from bench.context import Context, Target
 from zrproxy.auth import new_key
 
@@ -33,6 +33,7 @@ SCENARIOS: dict[str, tuple[tuple[str, ...], Callable[[Context], Any]]] = {
     "abort": (TARGETS[:3], lambda ctx: _async(streams.abort(ctx))),
     "memory": (TARGETS[1:], lambda ctx: _async(streams.memory(ctx))),
     "workers": ((), throughput.run_workers),
+    "audit": ((), audit.run),
     "profile": (("zrproxy",), profile.run),
 }
 DEFAULT = tuple(s for s in SCENARIOS if s != "profile")  # profile: only when asked for
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and "profile" not in scenarios:
         scenarios.append("profile")
     wanted = _names(args.targets, TARGETS, "target")
-    needs_wrk = ("cpu", "throughput", "streams", "workers", "profile")
+    needs_wrk = ("cpu", "throughput", "streams", "workers", "profile", "audit")
     if wrk.WRK is None and set(needs_wrk) & set(scenarios):
         print(f"wrk not found: skipping {', '.join(needs_wrk)}")
         scenarios = [s for s in scenarios if s not in needs_wrk]

@@ -116,9 +116,10 @@ def start_zrproxy(
     *,
     flags: tuple[str, ...] = (),
     cpus: str | None = procs.PROXY_CPUS,
+    config_text: str | None = None,
 ) -> Server:
     config = tmp / f"{name}.toml"
-    config.write_text(zrproxy_config(mock, key_sha256))
+    config.write_text(config_text or zrproxy_config(mock, key_sha256))
     log = tmp / f"{name}.log"
     cmd = [sys.executable, "-m", "zrproxy", "serve", "--config", str(config), *flags]
     process = _spawn(cmd, log, cpus)

@@ -25,6 +25,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
+from zrproxy.audit import AuditLog, Clock, utc_now
 from zrproxy.config import Address, Config
 from zrproxy.errors import StartupError
 from zrproxy.metrics import Metrics
@@ -135,6 +136,7 @@ class Service:
         reuse_port: bool = False,
         admin: bool = True,
         day_clock: DayClock | None = None,
+        audit_clock: Clock = utc_now,
     ) -> None:
         self.config = config
         self.day_clock = day_clock if day_clock is not None else DayClock()
@@ -149,13 +151,20 @@ class Service:
         self._api_site: web.TCPSite | None = None
         self._admin_runner: web.AppRunner | None = None
         self._trimmer: asyncio.Task[None] | None = None
+        self.audit = AuditLog.from_config(config, self.metrics, audit_clock)
         self.api_address: Address | None = None
         self.admin_address: Address | None = None
 
     async def start(self) -> None:
         server = self.config.server
         self._upstreams = Upstreams(self.config)
-        proxy = Proxy(self.config, self._upstreams, self.metrics, self.state, self.day_clock)
+        if self.audit is not None:
+            # Expired records go before we serve; the writer thread repeats this hourly.
+            await asyncio.to_thread(self.audit.sweep)
+            self.audit.start()
+        proxy = Proxy(
+            self.config, self._upstreams, self.metrics, self.state, self.day_clock, self.audit
+        )
         self._api_server = _ApiServer(
             proxy.handle,
             on_bad_request=self.metrics.child(self.metrics.rejections, "malformed").inc,
@@ -228,6 +237,8 @@ class Service:
             await self._admin_runner.cleanup()
         if self._upstreams is not None:
             await self._upstreams.close()
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)  # writes what is still queued
         log.info("stopped")
 
     def _policy(self) -> bytes:

@@ -1,4 +1,4 @@
-"""The `zrproxy` command: serve, check-config, keygen, mock-upstream, policy.
+"""The `zrproxy` command: serve, check-config, keygen, mock-upstream, policy, audit.
 
 `main(argv) -> int` is the whole program, so tests run it in-process. The texts `--help`
 shows are written for users (`_DESCRIPTION`, `_EPILOG`), not taken from this docstring.
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from zrproxy import __version__, hardening, logs, mock_upstream
+from zrproxy import __version__, auditcli, hardening, logs, mock_upstream
 from zrproxy.app import Service, run_loop, settle_heap, stop_requested
 from zrproxy.auth import key_digest, new_key
 from zrproxy.checks import config_warnings
@@ -120,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     policy.add_argument("--config", help="TOML config file (default: embedded demo config)")
     policy.add_argument("--project", help="only this project")
     policy.add_argument("--format", choices=("text", "json"), default="text")
+    auditcli.add_parser(commands)
     return parser
 
 
@@ -136,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return mock_upstream.main(["--listen", args.listen])
         if args.command == "policy":
             return _policy(args.config, args.project, args.format)
+        if args.command == "audit":
+            return auditcli.main(args)
         return _serve(args, argv)
     except ConfigError as exc:
         for error in getattr(exc, "errors", (exc,)):

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import pyrage
+from pyrage import x25519
+
 from zrproxy.errors import ConfigError, ConfigErrors
 
 UpstreamKind = Literal["openai", "anthropic"]
@@ -486,10 +489,20 @@ def _project(table: _Table) -> ProjectConfig:
 _AGE_RECIPIENT = re.compile(r"age1[02-9ac-hj-np-z]{58}")
 
 
+def _age_parses(recipient: str) -> bool:
+    """Whether age itself takes the recipient (its Bech32 checksum), so a typo is a
+    config error naming the key rather than a crash when the audit writer starts."""
+    try:
+        x25519.Recipient.from_str(recipient)
+    except pyrage.RecipientError:
+        return False
+    return True
+
+
 def _audit_log(path: str, value: object) -> AuditLogConfig:
     table = _Table(path, value)
     recipient = table.require("recipient", _str)
-    if not _AGE_RECIPIENT.fullmatch(recipient):
+    if not _AGE_RECIPIENT.fullmatch(recipient) or not _age_parses(recipient):
         raise ConfigError(table.key("recipient"), "must be an age X25519 recipient (age1...)")
     retention = table.take("retention_days", _positive_int, 30)
     table.finish()

@@ -119,6 +119,19 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.audit_records = Counter(
+            "zrproxy_audit_records",
+            "Content audit records, by project and outcome (written, or dropped and why).",
+            ["project", "outcome"],
+            registry=r,
+        )
+        self.project_info = Gauge(
+            "zrproxy_project_info",
+            "1 per configured project: its zero-retention and audit-log settings.",
+            ["project", "zero_retention", "audit_log"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
 
     def child(self, metric: M, *labels: str) -> M:

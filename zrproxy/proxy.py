@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from aiohttp import ClientResponse, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from zrproxy.audit import RETENTION_HEADER, AuditLog, AuditRecord, RecordingTap, retention_mode
 from zrproxy.auth import Authenticator
 from zrproxy.caches import forget_request_urls
 from zrproxy.config import Config
@@ -94,6 +95,8 @@ class _Exchange:
     is_sse: bool = False
     expired: bool = False  # the total deadline cancelled the handler
     proxied: bool = False  # a call to a proxied endpoint (not /v1/models, not a 404 path)
+    retention: str | None = None  # the ZR-Data-Retention value, once the project is known
+    audit: AuditRecord | None = None  # only for projects with an audit log
 
 
 def _expire(ex: _Exchange, task: asyncio.Task[object]) -> None:
@@ -111,6 +114,7 @@ class Proxy:
         metrics: Metrics,
         state: ServiceState,
         clock: DayClock | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         # Held once: on Python 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
@@ -126,6 +130,11 @@ class Proxy:
         self._metrics = metrics
         self._state = state
         self._health = UpstreamHealth(self._loop.time)
+        self._audit = audit
+        self._retention = {p.name: retention_mode(p) for p in config.projects}
+        for p in config.projects:
+            zero, logged = str(p.zero_retention).lower(), str(p.audit_log is not None).lower()
+            metrics.project_info.labels(p.name, zero, logged).set(1)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         loop = self._loop
@@ -154,6 +163,7 @@ class Proxy:
             if request.path.startswith("/v1/"):
                 # An unknown API path says so only to a caller with a valid key.
                 ex.project = self._auth.authenticate(request.headers).name
+                ex.retention = self._retention[ex.project]
             if is_storing_endpoint(request.path):
                 raise StoringEndpoint()
             raise UnknownPath()
@@ -174,6 +184,8 @@ class Proxy:
             self._state.handlers.discard(task)
             self._metrics.in_flight.dec()
             self._record(ex, loop.time())
+            if ex.audit is not None:
+                self._submit_audit(ex, loop.time())
             if request.raw_path not in _PLAIN_TARGETS:
                 forget_request_urls()  # a query string or unknown path is content
 
@@ -189,8 +201,13 @@ class Proxy:
             raise ServiceDraining()
         project = self._auth.authenticate(request.headers)
         ex.project = project.name
+        ex.retention = self._retention[project.name]
+        if project.audit_log is not None and self._audit is not None:
+            ex.audit = self._audit.record(project.name, ex.rid)
         body = await self._read_body(request)
         ex.bytes_in = len(body)
+        if ex.audit is not None:
+            ex.audit.request(body)
         parsed = parse_request(body, endpoint.default_model)
         forced = None
         if project.zero_retention:
@@ -224,7 +241,8 @@ class Proxy:
             self._health.succeeded(upstream.name)
         if len(upstreams) > 1 and upstream is not upstreams[0]:
             self._metrics.child(self._metrics.failovers, ex.route).inc()
-        ex.tap = UsageTap(strip_usage_event=ask_usage and upstream.kind == "openai")
+        strip = ask_usage and upstream.kind == "openai"
+        ex.tap = UsageTap(strip) if ex.audit is None else RecordingTap(ex.audit, strip)
         try:
             return await self._respond(request, response, ex)
         finally:
@@ -241,6 +259,8 @@ class Proxy:
         headers = client_response_headers(upstream.headers, ex.rid)
         if ex.is_sse:
             headers.update(SSE_HEADERS)
+        if ex.retention is not None:
+            headers[RETENTION_HEADER] = ex.retention
         out = web.StreamResponse(status=upstream.status, headers=headers)
         if not ex.is_sse and upstream.content_length is not None:
             out.content_length = upstream.content_length
@@ -259,6 +279,8 @@ class Proxy:
             result.chunks,
             result.first_byte_at,
         )
+        if ex.audit is not None:
+            ex.audit.sent(result.bytes_out)
         if result.outcome == "completed":
             return out
         if result.outcome == "client_gone":
@@ -313,6 +335,7 @@ class Proxy:
             raise MethodNotAllowed("GET, HEAD")
         project = self._auth.authenticate(request.headers)
         ex.project = project.name
+        ex.retention = self._retention[project.name]
         # The Anthropic SDK sends anthropic-version on every call: answer in its format.
         dialect: Dialect = "anthropic" if "anthropic-version" in request.headers else "openai"
         ex.dialect = dialect
@@ -326,7 +349,9 @@ class Proxy:
         ex.status = 200
         # HEAD: aiohttp sends the headers (Content-Length included) and no body.
         return web.Response(
-            body=body, content_type="application/json", headers={REQUEST_ID: ex.rid}
+            body=body,
+            content_type="application/json",
+            headers={REQUEST_ID: ex.rid, RETENTION_HEADER: ex.retention},
         )
 
     def _policy(self, request: web.BaseRequest, ex: _Exchange) -> web.StreamResponse:
@@ -334,10 +359,13 @@ class Proxy:
             raise MethodNotAllowed("GET, HEAD")
         project = self._auth.authenticate(request.headers)
         ex.project = project.name
+        ex.retention = self._retention[project.name]
         ex.status = 200
         body = to_json(project_report(self._config, project, self._metrics, self.clock.day()))
         return web.Response(
-            body=body, content_type="application/json", headers={REQUEST_ID: ex.rid}
+            body=body,
+            content_type="application/json",
+            headers={REQUEST_ID: ex.rid, RETENTION_HEADER: ex.retention},
         )
 
     # --- failures and metrics ---------------------------------------------------------------
@@ -355,11 +383,14 @@ class Proxy:
         started = ex.response
         if started is None or not started.prepared:
             ex.status = error.status
+            body = error_body(ex.dialect, error)
+            headers = {REQUEST_ID: ex.rid, **error.response_headers()}
+            if ex.retention is not None:  # not before the project is known (e.g. 401)
+                headers[RETENTION_HEADER] = ex.retention
+            if ex.audit is not None:
+                ex.audit.response(body)
             response = web.Response(
-                status=error.status,
-                body=error_body(ex.dialect, error),
-                content_type="application/json",
-                headers={REQUEST_ID: ex.rid, **error.response_headers()},
+                status=error.status, body=body, content_type="application/json", headers=headers
             )
             if error.status in (408, 413) or error.reject_reason == "draining":
                 response.force_close()  # don't read the rest of a body we refused
@@ -367,13 +398,29 @@ class Proxy:
         # The status line is gone: say it in-band if we can, else cut the connection so
         # the client can't take a truncated body for a whole one.
         if ex.is_sse:
+            event = sse_error_event(ex.dialect, error)
             try:
-                await started.write(sse_error_event(ex.dialect, error))
+                await started.write(event)
             except ConnectionError:
                 pass
+            else:
+                if ex.audit is not None:
+                    ex.audit.response(event)
         elif request.transport is not None:
             request.transport.close()
         return started
+
+    def _submit_audit(self, ex: _Exchange, finished: float) -> None:
+        assert ex.audit is not None and self._audit is not None
+        self._audit.submit(
+            ex.audit,
+            route=ex.route,
+            upstream=ex.upstream,
+            status=ex.status or 499,
+            duration_s=round(finished - ex.started, 6),
+            stream=ex.stream,
+        )
+        ex.audit = None
 
     def _record(self, ex: _Exchange, finished: float) -> None:
         m = self._metrics

@@ -72,10 +72,15 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "zrproxy_zero_retention_refusals_total": ("counter", frozenset({"field"})),
     "zrproxy_in_flight_requests": ("gauge", frozenset()),
     "zrproxy_open_streams": ("gauge", frozenset()),
+    "zrproxy_audit_records_total": ("counter", frozenset({"project", "outcome"})),
+    "zrproxy_project_info": ("gauge", frozenset({"project", "zero_retention", "audit_log"})),
 }
 # Closed label value sets from the spec (1xx: zrproxy.metrics.STATUS_CLASSES has it too).
 LABEL_ENUMS = {
     "status_class": {"1xx", "2xx", "3xx", "4xx", "5xx"},
+    "outcome": {"written", "dropped_queue_full", "dropped_write_error"},
+    "zero_retention": {"true", "false"},
+    "audit_log": {"true", "false"},
     "stream": {"true", "false"},
     "type": {"prompt", "completion"},
     "kind": {"connect", "timeout", "status_429", "status_5xx", "reset"},

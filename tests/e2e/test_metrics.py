@@ -41,6 +41,9 @@ FIXED_ENUMS = {
     },
     "field": set(REFUSAL_FIELDS),
     "le": None,  # histogram buckets: fixed by the code
+    "outcome": {"written", "dropped_queue_full", "dropped_write_error"},
+    "zero_retention": {"true", "false"},
+    "audit_log": {"true", "false"},
 }
 
 
@@ -113,6 +116,8 @@ async def test_series_stay_within_the_config_bound(mock: Mock, start_proxy: Star
         "zrproxy_zero_retention_refusals": len(REFUSAL_FIELDS),
         "zrproxy_in_flight_requests": 1,
         "zrproxy_open_streams": 1,
+        "zrproxy_project_info": len(config.projects),
+        "zrproxy_audit_records": len(config.projects) * 3,
     }
     assert set(series) <= set(bound), set(series) - set(bound)
     for name, count in series.items():

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import Counter
 from prometheus_client.metrics import MetricWrapperBase
+from pyrage import x25519
 
 from tests.policy_fixtures import call, mocks, proxy
 from tests.processes import LoggedProcess, proxy_process, to_toml
@@ -20,7 +21,7 @@ from zrproxy.cli import main
 from zrproxy.config import parse_config
 from zrproxy.metrics import Metrics
 
-RECIPIENT = "age1" + "q" * 58
+RECIPIENT = str(x25519.Identity.generate().to_public())
 TODAY = datetime.date(2026, 6, 1)
 
 

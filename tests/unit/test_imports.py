@@ -31,6 +31,8 @@ _BELOW_PROXY = _LEAVES | {
     "streaming",
     "retention_rules",
     "policy",
+    "audit",
+    "auditfiles",
 }
 # Module -> the zrproxy modules it may import. Lower layers never import higher ones.
 ALLOWED: dict[str, set[str]] = {
@@ -52,8 +54,11 @@ ALLOWED: dict[str, set[str]] = {
     "policy": {"config", "metrics", "routing"},
     "upstream": {"config", "errors", "headers", "dialects"},
     "streaming": {"usage", "errors"},
+    "auditfiles": set(),
+    "audit": {"auditfiles", "config", "metrics", "usage"},
+    "auditcli": {"auditfiles", "config", "errors"},
     "proxy": _BELOW_PROXY,
-    "app": {"proxy", "upstream", "metrics", "config", "errors", "policy", "routing"},
+    "app": {"proxy", "upstream", "metrics", "config", "errors", "policy", "routing", "audit"},
     "workers": {"app", "proxy", "config", "metrics", "errors", "logs", "policy", "routing"},
     "checks": {"config"},
     "cli": set(MODULES) - {"cli", "__main__"},
