@@ -16,6 +16,7 @@ import pytest
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fakes import FakeUpstreams
 from zrproxy.app import Service
 from zrproxy.auth import new_key
 from zrproxy.config import parse_config
@@ -41,6 +42,14 @@ class RunningProxy:
 
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[FakeUpstreams]:
+    """Fake upstreams for what the mock cannot express (see tests/fakes.py)."""
+    f = FakeUpstreams()
+    yield f
+    await f.close()
 
 
 @pytest.fixture
@@ -103,9 +112,38 @@ async def proxy(mock: Mock, start_proxy: StartProxy) -> RunningProxy:
     return await start_proxy([{"name": "mock", "kind": "openai", "base_url": mock.url}])
 
 
-async def metric(proxy: RunningProxy, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels` (0 if none)."""
-    async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as resp:
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """The client of a test (aiohttp, no connection reused across tests)."""
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def exchange(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    data: Any = None,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[aiohttp.ClientResponse, bytes]:
+    """One request; the response (released) and its whole body."""
+    async with session.request(method, url, data=data, headers=headers) as resp:
+        return resp, await resp.read()
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, data: Any, headers: Mapping[str, str]
+) -> tuple[aiohttp.ClientResponse, bytes]:
+    return await exchange(session, "POST", url, data=data, headers=headers)
+
+
+async def metric(proxy: RunningProxy | str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels` (0 if none), read
+    from a proxy's admin listener (a `RunningProxy`, or the admin URL of a process)."""
+    admin_url = proxy if isinstance(proxy, str) else proxy.admin_url
+    async with aiohttp.ClientSession() as s, s.get(admin_url + "/metrics") as resp:
+        assert resp.status == 200
         text = await resp.text()
     return sum(
         sample.value

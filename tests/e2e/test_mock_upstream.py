@@ -28,6 +28,7 @@ from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.processes import LoggedProcess
 from zrproxy import mock_upstream
 from zrproxy.mock_upstream import (
     MOCK_STATS,
@@ -93,9 +94,8 @@ async def mock() -> AsyncIterator[Mock]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+def http(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    return session  # conftest's client, by the name these tests use
 
 
 def chat_body(model: str, text: str = USER, **extra: Any) -> dict[str, Any]:
@@ -716,26 +716,22 @@ def test_retention_scan_can_fail() -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_main_as_a_subprocess(signum: int) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "zrproxy.mock_upstream", "--listen", "127.0.0.1:0",
-        cwd=REPO, stderr=asyncio.subprocess.PIPE,
+    proc = LoggedProcess(
+        [sys.executable, "-m", "zrproxy.mock_upstream", "--listen", "127.0.0.1:0"],
         env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
-    assert proc.stderr is not None
+        cwd=REPO,
+    )
     try:
-        line = await asyncio.wait_for(proc.stderr.readline(), 30)
-        match = re.search(rb"mock upstream listening on (http://127\.0\.0\.1:(\d+))$", line.strip())
-        assert match is not None and int(match[2]) != 0, line
+        match = proc.wait_for(r"mock upstream listening on (http://127\.0\.0\.1:(\d+))$", 30)
+        assert int(match[2]) != 0, match[0]
         async with aiohttp.ClientSession() as session:
-            async with session.get(match[1].decode() + "/v1/models") as resp:
+            async with session.get(match[1] + "/v1/models") as resp:
                 assert resp.status == 200
                 assert (await resp.json())["object"] == "list"
-        proc.send_signal(signum)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        proc.proc.send_signal(signum)
+        assert await asyncio.to_thread(proc.proc.wait, 30) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        proc.stop()
 
 
 def test_main_rejects_a_bad_listen_address(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.fakes import closed_port
 from tests.processes import LoggedProcess
 
 if importlib.util.find_spec("zrproxy.cli") is None:
@@ -42,13 +42,6 @@ POLL_LIMIT_S = 30.0
 # Loopback only: never let an http_proxy in the environment see this traffic.
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 CHILD_ENV = {**os.environ, "no_proxy": "*", "NO_PROXY": "*"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def http_get(url: str, timeout_s: float = 5) -> tuple[int, bytes]:
@@ -114,7 +107,7 @@ def start_prometheus(binary: str, workdir: Path, target: str) -> tuple[LoggedPro
     }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     for _ in range(3):  # a free port can be taken between probe and bind: retry
-        port = free_port()
+        port = closed_port()
         proc = LoggedProcess(
             [
                 binary,

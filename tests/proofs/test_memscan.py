@@ -25,6 +25,7 @@ from tests.memscan import (
     scan_regions,
     wait_until_sleeping,
 )
+from tests.processes import LoggedProcess
 
 # The child derives the marker from a seed, so the marker itself never crosses the process
 # boundary (argv, pipes) and is not in any source text: every copy found is one the child
@@ -53,19 +54,13 @@ def _marker(seed: str) -> bytes:
 @contextmanager
 def _holder(mode: str) -> Iterator[tuple[int, bytes]]:
     seed = os.urandom(16).hex()
-    with subprocess.Popen(
-        [sys.executable, "-c", HOLDER, seed, mode],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    ) as proc:
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            assert proc.stdout.readline() == b"ready\n"
-            wait_until_sleeping(proc.pid)
-            yield proc.pid, _marker(seed)
-        finally:
-            proc.stdin.close()
-            proc.wait(timeout=10)
+    holder = LoggedProcess([sys.executable, "-c", HOLDER, seed, mode], stdin=True)
+    try:
+        holder.wait_for("^ready$")
+        wait_until_sleeping(holder.pid)
+        yield holder.pid, _marker(seed)
+    finally:
+        holder.stop(10)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 4093])
