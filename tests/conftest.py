@@ -6,9 +6,11 @@ production settings: handler cancellation on, access log off, our request handle
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,8 +24,16 @@ from zrproxy.auth import new_key
 from zrproxy.config import parse_config
 from zrproxy.mock_upstream import MOCK_STATS, MockStats, start_mock
 
+_E2E = Path(__file__).parent / "e2e"
+
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
+    """uvloop everywhere. An end-to-end test whose proxy runs in the test's own loop (it
+    uses `start_proxy`, directly or through `proxy`) runs on the standard loop too, which
+    scrub mode runs on: ids `[uvloop-...]` and `[asyncio-...]`. Tests of the mock alone,
+    and tests whose proxy is a subprocess (it picks its own loop), run on uvloop only."""
+    if item.path.is_relative_to(_E2E) and "start_proxy" in getattr(item, "fixturenames", ()):
+        return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
     return {"uvloop": uvloop.new_event_loop}
 
 

@@ -11,6 +11,7 @@ same way whatever the model: a canned response, a fixed failure (`hang`, `reset`
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import socket
 import struct
@@ -152,8 +153,27 @@ class FakeUpstreams:
         self.runners.clear()
 
 
+# Bound, never listening, held until the process exits: the kernel refuses connections
+# to such a port, and no other process (the machine may run other suites) can take it.
+_HELD: list[socket.socket] = []
+
+
+@atexit.register
+def _release() -> None:
+    for s in _HELD:
+        s.close()
+
+
 def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then closed): connection refused."""
+    """A loopback port that refuses connections for the rest of the test session."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return int(s.getsockname()[1])
+
+
+def free_port() -> int:
+    """A loopback port free just now (bound, then closed), for a child to listen on."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fakes import closed_port
+from tests.fakes import free_port
 from tests.processes import LoggedProcess
 
 if importlib.util.find_spec("zrproxy.cli") is None:
@@ -107,7 +107,7 @@ def start_prometheus(binary: str, workdir: Path, target: str) -> tuple[LoggedPro
     }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     for _ in range(3):  # a free port can be taken between probe and bind: retry
-        port = closed_port()
+        port = free_port()
         proc = LoggedProcess(
             [
                 binary,
