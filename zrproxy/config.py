@@ -15,12 +15,11 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
+from zrproxy.dialects import DIALECTS, Dialect
 from zrproxy.errors import ConfigError
 
-UpstreamKind = Literal["openai", "anthropic"]
-UPSTREAM_KINDS: tuple[UpstreamKind, ...] = ("openai", "anthropic")
 # Overrides may add fields (store, metadata policy, ...) but not change what is asked.
 _PROTECTED_BODY_KEYS = frozenset({"model", "stream", "messages", "input", "prompt"})
 
@@ -53,7 +52,7 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
-    kind: UpstreamKind
+    kind: Dialect
     base_url: str
     api_key_env: str | None = None
     # Resolved from the environment at load time; never printed (repr=False).
@@ -128,7 +127,8 @@ class Config:
 
 
 def process_environment() -> Mapping[str, str]:
-    """The process environment (the one place that reads it)."""
+    """The process environment. zrproxy reads `os.environ` nowhere else
+    (`export_metrics_dir` writes one variable); tests/unit/test_imports.py checks."""
     return os.environ
 
 
@@ -315,7 +315,7 @@ def _server(table: _Table) -> ServerConfig:
 def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
     name = table.require("name", _name)
     kind = table.require("kind", _str)
-    if kind not in UPSTREAM_KINDS:
+    if kind not in DIALECTS:
         raise ConfigError(table.key("kind"), "must be 'openai' or 'anthropic'")
     base_url = table.require("base_url", _base_url)
     api_key_env = table.take("api_key_env", _str, None)

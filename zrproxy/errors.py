@@ -7,19 +7,20 @@ and the only variable parts are names taken from the config (key paths, upstream
     ├── ConfigError(key_path, problem)      operator mistake, exit 2
     ├── StartupError(message)               the process cannot start as configured
     └── ProxyError                          rendered to the client by `dialects`
-        ├── MalformedJSON        400
-        ├── MissingModel         400
-        ├── InvalidRequest       400
-        ├── InvalidAuth          401
-        ├── ModelNotAllowed      403
-        ├── NotFound             404
-        ├── MethodNotAllowed     405
-        ├── BodyTimeout          408
-        ├── BodyTooLarge         413
-        ├── UpstreamUnavailable  502
-        ├── ServiceDraining      503
-        ├── NoUpstreamInRegion   503
-        └── UpstreamTimeout      504
+        ├── MalformedJSON            400
+        ├── MissingModel             400
+        ├── InvalidRequest           400
+        ├── InvalidAuth              401
+        ├── ModelNotAllowed          403
+        ├── NotFound                 404
+        ├── MethodNotAllowed         405
+        ├── BodyTimeout              408
+        ├── BodyTooLarge             413
+        ├── UpstreamUnavailable      502
+        ├── UpstreamFailedMidStream  502 after the first byte: an SSE error event or a cut
+        ├── ServiceDraining          503
+        ├── NoUpstreamInRegion       503
+        └── UpstreamTimeout          504
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ ErrorType = Literal[
     "timeout_error",
 ]
 RejectReason = Literal[
-    "auth", "model", "size", "malformed", "not_found", "method", "draining", "region", "none"
+    "auth", "model", "size", "malformed", "not_found", "method", "draining", "region"
 ]
 
 
@@ -66,8 +67,9 @@ class ProxyError(ZrproxyError):
     error_type: ClassVar[ErrorType] = "api_error"
     code: ClassVar[str] = "internal_error"
     message: ClassVar[str] = "Internal proxy error."
-    # Which rejection counter this bumps; "none" for upstream-side failures.
-    reject_reason: ClassVar[RejectReason] = "none"
+    # The zrproxy_rejections_total reason this counts under; None: not a rejection by the
+    # proxy but an upstream-side failure (counted in zrproxy_upstream_errors_total).
+    reject_reason: ClassVar[RejectReason | None] = None
 
     def __init__(self) -> None:
         super().__init__(self.message)

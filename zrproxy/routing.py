@@ -1,7 +1,8 @@
 """Which upstreams may serve a (project, model) pair, in failover order.
 
-Everything that can be precomputed from the config is, at start-up; per request only
-two compiled globs are matched.
+Everything that can be precomputed from the config is, at start-up. Per request: the
+project's model allowlist (one compiled glob, if it has one), then the routes' globs in
+config order until one matches, then one dict lookup for the plan.
 """
 
 from __future__ import annotations

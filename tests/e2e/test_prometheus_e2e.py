@@ -8,7 +8,6 @@ Prometheus's HTTP API what it saw. Prometheus's TSDB lives under /dev/shm when i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
@@ -29,9 +28,6 @@ import yaml
 
 from tests.fakes import free_port
 from tests.processes import LoggedProcess
-
-if importlib.util.find_spec("zrproxy.cli") is None:
-    pytest.skip("zrproxy.cli not available yet", allow_module_level=True)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 

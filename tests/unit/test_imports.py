@@ -24,9 +24,10 @@ ALLOWED: dict[str, set[str]] = {
     "hardening": set(),
     "usage": set(),
     # on errors only
-    "config": {"errors"},
     "dialects": {"errors"},
     "streaming": {"errors", "usage"},
+    # on dialects
+    "config": {"dialects", "errors"},
     # on config
     "auth": {"config", "errors"},
     "routing": {"config", "errors"},
