@@ -20,9 +20,10 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "headers": set(),
     "metrics": set(),
-    "mock_upstream": set(),
+    "mock_wire": set(),
     "hardening": set(),
     "usage": set(),
+    "mock_upstream": {"mock_wire"},
     # on errors only
     "dialects": {"errors"},
     "streaming": {"errors", "usage"},
