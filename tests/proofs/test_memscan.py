@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -98,7 +97,8 @@ def test_regions_skip_kernel_pages() -> None:
 
 
 def test_dead_process_raises_instead_of_counting_zero() -> None:
-    with subprocess.Popen([sys.executable, "-c", "pass"]) as proc:
+    proc = LoggedProcess([sys.executable, "-c", "pass"])  # nobody reaps it until stop()
+    try:
         # A zombie still has /proc/<pid>/mem but no memory behind it.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -111,7 +111,8 @@ def test_dead_process_raises_instead_of_counting_zero() -> None:
         # The kernel refuses the open (ESRCH) or the scan reads nothing: both must raise.
         with pytest.raises((OSError, RuntimeError)):
             count_occurrences(proc.pid, [b"anything"])
-        proc.wait()
+    finally:
+        proc.stop()
 
 
 def test_scan_joins_only_touching_regions_read_to_the_end() -> None:
