@@ -161,3 +161,17 @@ async def metric(proxy: RunningProxy | str, name: str, **labels: str) -> float:
         for sample in family.samples
         if sample.name == name and labels.items() <= sample.labels.items()
     )
+
+
+async def settled_metric(
+    proxy: RunningProxy | str, name: str, expected: float, **labels: str
+) -> float:
+    """`metric()` once it equals `expected`, or its value after 10 s of polling. For a
+    proxy in another process: it counts a request just after the client has the whole
+    response, so a scrape right after the response may not see it yet."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while (value := await metric(proxy, name, **labels)) != expected:
+        if asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    return value

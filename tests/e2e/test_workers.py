@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from tests.conftest import config_data, metric
+from tests.conftest import config_data, settled_metric
 from tests.processes import mock_process, proxy_process
 from zrproxy.auth import new_key
 
@@ -76,7 +76,7 @@ async def test_workers_share_a_port_sum_metrics_restart_and_drain(tmp_path: Path
             assert str(metrics_dir).startswith("/dev/shm/")
 
             assert await _send(proxy.url, key, 40) == [200] * 40
-            assert await metric(proxy.admin_url, "zrproxy_requests_total") == 40
+            assert await settled_metric(proxy.admin_url, "zrproxy_requests_total", 40) == 40
             # Both workers served traffic: each wrote its own counter file.
             writers = {p.name for p in metrics_dir.glob("counter_*.db")}
             assert {f"counter_{pid}.db" for pid in workers} <= writers
@@ -86,9 +86,8 @@ async def test_workers_share_a_port_sum_metrics_restart_and_drain(tmp_path: Path
             os.kill(crashed, signal.SIGKILL)
             assert _wait_until(lambda: len(_children(proxy.pid) - {crashed}) == 2, 20)
             assert await _send(proxy.url, key, 10) == [200] * 10
-            assert (
-                await metric(proxy.admin_url, "zrproxy_requests_total") == 50
-            )  # counters survive a crash
+            # Counters survive a crash.
+            assert await settled_metric(proxy.admin_url, "zrproxy_requests_total", 50) == 50
 
             survivors = _children(proxy.pid)
             proxy.process.send_signal(signal.SIGTERM)
