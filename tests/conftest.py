@@ -6,9 +6,11 @@ production settings: handler cancellation on, access log off, our request handle
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,13 +18,22 @@ import pytest
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fakes import FakeUpstreams
 from zrproxy.app import Service
 from zrproxy.auth import new_key
 from zrproxy.config import parse_config
 from zrproxy.mock_upstream import MOCK_STATS, MockStats, start_mock
 
+_E2E = Path(__file__).parent / "e2e"
+
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
+    """uvloop everywhere. An end-to-end test whose proxy runs in the test's own loop (it
+    uses `start_proxy`, directly or through `proxy`) runs on the standard loop too, which
+    scrub mode runs on: ids `[uvloop-...]` and `[asyncio-...]`. Tests of the mock alone,
+    and tests whose proxy is a subprocess (it picks its own loop), run on uvloop only."""
+    if item.path.is_relative_to(_E2E) and "start_proxy" in getattr(item, "fixturenames", ()):
+        return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
     return {"uvloop": uvloop.new_event_loop}
 
 
@@ -41,6 +52,14 @@ class RunningProxy:
 
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[FakeUpstreams]:
+    """Fake upstreams for what the mock cannot express (see tests/fakes.py)."""
+    f = FakeUpstreams()
+    yield f
+    await f.close()
 
 
 @pytest.fixture
@@ -121,9 +140,38 @@ async def proxy(mock: Mock, start_proxy: StartProxy) -> RunningProxy:
     )
 
 
-async def metric(proxy: RunningProxy, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels` (0 if none)."""
-    async with aiohttp.ClientSession() as s, s.get(proxy.admin_url + "/metrics") as resp:
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """The client of a test (aiohttp, no connection reused across tests)."""
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def exchange(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    data: Any = None,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[aiohttp.ClientResponse, bytes]:
+    """One request; the response (released) and its whole body."""
+    async with session.request(method, url, data=data, headers=headers) as resp:
+        return resp, await resp.read()
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, data: Any, headers: Mapping[str, str]
+) -> tuple[aiohttp.ClientResponse, bytes]:
+    return await exchange(session, "POST", url, data=data, headers=headers)
+
+
+async def metric(proxy: RunningProxy | str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels` (0 if none), read
+    from a proxy's admin listener (a `RunningProxy`, or the admin URL of a process)."""
+    admin_url = proxy if isinstance(proxy, str) else proxy.admin_url
+    async with aiohttp.ClientSession() as s, s.get(admin_url + "/metrics") as resp:
+        assert resp.status == 200
         text = await resp.text()
     return sum(
         sample.value
@@ -131,3 +179,17 @@ async def metric(proxy: RunningProxy, name: str, **labels: str) -> float:
         for sample in family.samples
         if sample.name == name and labels.items() <= sample.labels.items()
     )
+
+
+async def settled_metric(
+    proxy: RunningProxy | str, name: str, expected: float, **labels: str
+) -> float:
+    """`metric()` once it equals `expected`, or its value after 10 s of polling. For a
+    proxy in another process: it counts a request just after the client has the whole
+    response, so a scrape right after the response may not see it yet."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while (value := await metric(proxy, name, **labels)) != expected:
+        if asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    return value

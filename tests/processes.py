@@ -1,7 +1,9 @@
-"""The proxy and the mock as real subprocesses (test helper).
+"""Child processes and their logs: the one way the suite starts a process it talks to.
 
-Configs are written as TOML files, the processes' ready lines are read from stderr,
-and every process is stopped (SIGTERM, then SIGKILL) when the context exits.
+`LoggedProcess` starts any child and collects its output; `proxy_process` and
+`mock_process` start zrproxy and the bundled mock on it, with configs written as TOML
+files, and yield once the ready line was logged. Every process is stopped (SIGTERM,
+then SIGKILL) when its context exits.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-_READY = re.compile(rb"zrproxy ready: api=(http://\S+) admin=(http://\S+)")
-_MOCK = re.compile(rb"mock upstream listening on (http://\S+)")
+_READY = r"zrproxy ready: api=(http://\S+) admin=(http://\S+)"
+_MOCK = r"mock upstream listening on (http://\S+)"
 
 
 def _toml_value(value: Any) -> str:
@@ -56,106 +58,38 @@ def to_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass
-class Proc:
-    process: subprocess.Popen[bytes]
-    url: str  # the API (or the mock's /v1 base URL)
-    admin_url: str = ""
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
-def _wait_for(stream: IO[bytes], pattern: re.Pattern[bytes], timeout_s: float) -> re.Match[bytes]:
-    deadline = time.monotonic() + timeout_s
-    seen = b""
-    while time.monotonic() < deadline:
-        line = stream.readline()
-        if not line:
-            break
-        seen += line
-        match = pattern.search(line)
-        if match:
-            return match
-    raise AssertionError(f"process did not get ready; it said:\n{seen.decode(errors='replace')}")
-
-
-def stop(process: subprocess.Popen[bytes], timeout_s: float = 10) -> int:
-    try:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                return process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        return process.wait()
-    finally:
-        for pipe in (process.stdout, process.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
-@contextlib.contextmanager
-def mock_process() -> Iterator[Proc]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "zrproxy.mock_upstream", "--listen", "127.0.0.1:0"],
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert process.stderr is not None
-        url = _wait_for(process.stderr, _MOCK, 30).group(1).decode().rstrip("/")
-        yield Proc(process, url if url.endswith("/v1") else url + "/v1")
-    finally:
-        stop(process)
-
-
-@contextlib.contextmanager
-def proxy_process(
-    config: dict[str, Any],
-    tmp_path: Path,
-    *args: str,
-    wrapper: list[str] | None = None,
-    env: dict[str, str] | None = None,
-    cwd: Path | None = None,
-    preexec_fn: Callable[[], None] | None = None,
-    config_dir: Path | None = None,
-) -> Iterator[Proc]:
-    """`zrproxy serve --config` as a subprocess; yields once it logged its ready line."""
-    directory = config_dir or tmp_path
-    path = directory / f"zrproxy-{len(list(directory.iterdir()))}.toml"
-    path.write_text(to_toml(config))
-    process = subprocess.Popen(
-        [*(wrapper or []), sys.executable, "-m", "zrproxy", "serve", "--config", str(path), *args],
-        stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-        preexec_fn=preexec_fn,
-    )
-    try:
-        assert process.stderr is not None
-        match = _wait_for(process.stderr, _READY, 60)
-        yield Proc(process, match.group(1).decode(), match.group(2).decode())
-    finally:
-        stop(process)
-
-
 class LoggedProcess:
-    """A child process whose output a thread collects, so its pipe never fills up."""
+    """A child process whose output (stdout and stderr, merged) a thread collects, so its
+    pipe never fills up; `wait_for` reads it. With `stdin=True` the child gets a pipe it
+    can block on until `stop` closes it (children that wait to be scanned)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        *,
+        cwd: Path | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+        stdin: bool = False,
+    ) -> None:
         self.proc = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
+            cwd=cwd,
+            preexec_fn=preexec_fn,
         )
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -184,6 +118,11 @@ class LoggedProcess:
                 self._cond.wait(min(left, 0.2))
 
     def stop(self, timeout_s: float = 20) -> int:
+        """Close its stdin; SIGTERM unless it exited then; SIGKILL after `timeout_s`."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # a child blocked reading it exits now
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout_s)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -195,3 +134,57 @@ class LoggedProcess:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.proc.returncode
+
+
+@dataclass
+class Proc:
+    log: LoggedProcess
+    url: str  # the API (or the mock's /v1 base URL)
+    admin_url: str = ""
+
+    @property
+    def process(self) -> subprocess.Popen[str]:
+        return self.log.proc
+
+    @property
+    def pid(self) -> int:
+        return self.log.pid
+
+
+@contextlib.contextmanager
+def mock_process() -> Iterator[Proc]:
+    """The bundled mock as a subprocess; yields once it logged its listening line."""
+    log = LoggedProcess([sys.executable, "-m", "zrproxy.mock_upstream", "--listen", "127.0.0.1:0"])
+    try:
+        url = log.wait_for(_MOCK, 30).group(1).rstrip("/")
+        yield Proc(log, url if url.endswith("/v1") else url + "/v1")
+    finally:
+        log.stop(10)
+
+
+@contextlib.contextmanager
+def proxy_process(
+    config: dict[str, Any],
+    tmp_path: Path,
+    *args: str,
+    wrapper: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+    config_dir: Path | None = None,
+) -> Iterator[Proc]:
+    """`zrproxy serve --config` as a subprocess; yields once it logged its ready line."""
+    directory = config_dir or tmp_path
+    path = directory / f"zrproxy-{len(list(directory.iterdir()))}.toml"
+    path.write_text(to_toml(config))
+    log = LoggedProcess(
+        [*(wrapper or []), sys.executable, "-m", "zrproxy", "serve", "--config", str(path), *args],
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        preexec_fn=preexec_fn,
+    )
+    try:
+        match = log.wait_for(_READY, 60)
+        yield Proc(log, match.group(1), match.group(2))
+    finally:
+        log.stop(10)

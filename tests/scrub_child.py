@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
 from typing import Literal
 
 from tests.memscan import count_occurrences, wait_until_sleeping
+from tests.processes import LoggedProcess
 from zrproxy.hardening import scrub_environment
 
 Mode = Literal["churn", "first-call", "hold"]
@@ -73,17 +73,10 @@ def copies_left(env: dict[str, str], mode: Mode) -> int:
     """How many copies of the child's marker its memory holds once it is idle."""
     seed = os.urandom(16).hex()
     marker = hashlib.sha256(seed.encode()).hexdigest().encode()
-    with subprocess.Popen(
-        [sys.executable, "-c", SCRUB_CHILD, seed, mode],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    ) as proc:
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            assert proc.stdout.readline() == b"ready\n"
-            wait_until_sleeping(proc.pid)
-            return count_occurrences(proc.pid, [marker], wide=True)[marker]
-        finally:
-            proc.stdin.close()
-            proc.wait(timeout=10)
+    child = LoggedProcess([sys.executable, "-c", SCRUB_CHILD, seed, mode], env, stdin=True)
+    try:
+        child.wait_for("^ready$")
+        wait_until_sleeping(child.pid)
+        return count_occurrences(child.pid, [marker], wide=True)[marker]
+    finally:
+        child.stop(10)

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from typing import Any
 
 import aiohttp
 import orjson
 
+from tests.fakes import closed_port
+
 
 def retention_config(mock_url: str, key_sha256: str) -> dict[str, Any]:
     """Routes that reach every path: failover through a dead upstream, timeouts, 404s."""
-    with socket.socket() as sock:  # a port nobody listens on: connection refused
-        sock.bind(("127.0.0.1", 0))
-        dead_port = sock.getsockname()[1]
+    dead_port = closed_port()
     return {
         "server": {
             "listen": "127.0.0.1:0",

@@ -22,10 +22,9 @@ from typing import Any, Literal, TypeVar
 import pyrage
 from pyrage import x25519
 
+from zrproxy.dialects import DIALECTS, Dialect
 from zrproxy.errors import ConfigError, ConfigErrors
 
-UpstreamKind = Literal["openai", "anthropic"]
-UPSTREAM_KINDS: tuple[UpstreamKind, ...] = ("openai", "anthropic")
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 # Overrides may add fields (store, metadata policy, ...) but not change what is asked.
@@ -61,7 +60,7 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
-    kind: UpstreamKind
+    kind: Dialect
     base_url: str
     api_key_env: str | None = None
     # Resolved from the environment at load time; never printed (repr=False).
@@ -138,7 +137,8 @@ class Config:
 
 
 def process_environment() -> Mapping[str, str]:
-    """The process environment (the one place that reads it)."""
+    """The process environment. zrproxy reads `os.environ` nowhere else
+    (`export_metrics_dir` writes one variable); tests/unit/test_imports.py checks."""
     return os.environ
 
 
@@ -377,7 +377,7 @@ def _server(table: _Table) -> ServerConfig:
 def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
     name = table.require("name", _name)
     kind = table.require("kind", _str)
-    if kind not in UPSTREAM_KINDS:
+    if kind not in DIALECTS:
         raise ConfigError(table.key("kind"), "must be 'openai' or 'anthropic'")
     base_url = table.require("base_url", _base_url)
     api_key_env = table.take("api_key_env", _env_name, None)

@@ -1,7 +1,9 @@
 """Wire formats: which endpoints exist, how each API spells errors, and request rewrites.
 
-The only module that knows what OpenAI- and Anthropic-style bodies look like. It builds
-error bodies from fixed messages and never copies request content into them.
+Owns the request side of the OpenAI- and Anthropic-style formats and every error body a
+handler sends (`usage` reads the response side's usage objects; `app` answers HTTP it
+cannot parse with two fixed OpenAI-style bodies). It builds error bodies from fixed
+messages and never copies request content into them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import orjson
 
 from zrproxy.errors import MalformedJSON, MissingModel, ProxyError
 
+# The API style of a client endpoint and of an upstream (its config `kind`).
 Dialect = Literal["openai", "anthropic"]
+DIALECTS: tuple[Dialect, ...] = ("openai", "anthropic")
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,28 +8,28 @@ and the only variable parts are names taken from the config (key paths, upstream
     │   └── ConfigErrors(errors)            several of them, all found in one pass
     ├── StartupError(message)               the process cannot start as configured
     └── ProxyError                          rendered to the client by `dialects`
-        ├── MalformedJSON        400
-        ├── MissingModel         400
-        ├── InvalidRequest       400
-        ├── ZeroRetentionConflict 400      (names a fixed field from retention_rules)
-        ├── UnsupportedEndpoint  400
-        ├── InvalidAuth          401
-        ├── ModelNotAllowed      403
-        ├── NoUpstreamInRegion   403
+        ├── MalformedJSON            400
+        ├── MissingModel             400
+        ├── InvalidRequest           400
+        ├── ZeroRetentionConflict    400 names a fixed field from retention_rules
+        ├── UnsupportedEndpoint      400
+        ├── InvalidAuth              401
+        ├── ModelNotAllowed          403
+        ├── NoUpstreamInRegion       403
         ├── ZeroRetentionUnavailable 403
-        ├── UpstreamNotYetActive 403
-        ├── NotFound             404
-        │   ├── UnknownPath      404
-        │   └── ModelNotFound    404
-        ├── StoringEndpoint      404
-        ├── MethodNotAllowed(allow)  405
-        ├── BodyTimeout          408
-        ├── BodyTooLarge         413
-        ├── UpstreamUnavailable  502
-        ├── UpstreamRedirected   502
-        ├── UpstreamFailedMidStream 502   (in-band, after the first byte)
-        ├── ServiceDraining      503
-        └── UpstreamTimeout      504
+        ├── UpstreamNotYetActive     403
+        ├── NotFound                 404
+        │   ├── UnknownPath          404
+        │   └── ModelNotFound        404
+        ├── StoringEndpoint          404
+        ├── MethodNotAllowed         405
+        ├── BodyTimeout              408
+        ├── BodyTooLarge             413
+        ├── UpstreamUnavailable      502
+        ├── UpstreamRedirected       502
+        ├── UpstreamFailedMidStream  502 after the first byte: an SSE error event or a cut
+        ├── ServiceDraining          503
+        └── UpstreamTimeout          504
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ RejectReason = Literal[
     "endpoint",
     "zero_retention",
     "not_active",
-    "none",
 ]
 
 
@@ -96,8 +95,9 @@ class ProxyError(ZrproxyError):
     error_type: ClassVar[ErrorType] = "api_error"
     code: ClassVar[str] = "internal_error"
     message: ClassVar[str] = "Internal proxy error."
-    # Which rejection counter this bumps; "none" for upstream-side failures.
-    reject_reason: ClassVar[RejectReason] = "none"
+    # The zrproxy_rejections_total reason this counts under; None: not a rejection by the
+    # proxy but an upstream-side failure (counted in zrproxy_upstream_errors_total).
+    reject_reason: ClassVar[RejectReason | None] = None
     # The request field at fault, in OpenAI's `param`; always a fixed string of ours.
     param: str | None = None
 

@@ -1,4 +1,7 @@
-"""Which HTTP headers cross the proxy, in each direction. Precomputed, no per-request work.
+"""Which HTTP headers cross the proxy, in each direction.
+
+The filters are frozensets built at import. Per request: one pass over each header
+list, plus the names its Connection header lists, and a request id.
 
 Never copies a header value into anything but the outgoing request or response.
 """

@@ -17,7 +17,10 @@ prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
-NONE = "none"  # label value when a request was rejected before that name was known
+# The project, route or upstream label of a request that ended before that name was
+# known (a 401 has no project, a 404 no route, a 502 after every upstream failed no
+# upstream).
+NOT_KNOWN = "none"
 UpstreamErrorKind = Literal["connect", "timeout", "status_429", "status_5xx", "reset"]
 TokenType = Literal["prompt", "cache_read", "cache_creation", "completion", "reasoning"]
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")

@@ -1,5 +1,6 @@
-"""The request handlers: auth, body, routing, upstream, relay; and the one place that
-turns errors into responses.
+"""The request handlers: auth, body, routing, upstream, relay; and `Proxy._fail`, which
+turns every `ProxyError` into what the client sees (HTTP that aiohttp cannot parse is
+answered before any handler runs, by `app._ContentFreeRequestHandler`).
 
 Never logs. Never copies request content into anything but the upstream request, and
 drops every reference to it by the time the response ends.
@@ -46,7 +47,7 @@ from zrproxy.errors import (
     ZeroRetentionConflict,
 )
 from zrproxy.headers import REQUEST_ID, SSE_HEADERS, client_response_headers, request_id
-from zrproxy.metrics import NONE, Metrics, status_class
+from zrproxy.metrics import NOT_KNOWN, Metrics, status_class
 from zrproxy.policy import project_report, to_json
 from zrproxy.retention_rules import conflict, forced_fields, is_storing_endpoint
 from zrproxy.routing import DayClock, Router
@@ -81,9 +82,9 @@ class _Exchange:
     started: float
     rid: str
     dialect: Dialect
-    project: str = NONE
-    route: str = NONE
-    upstream: str = NONE
+    project: str = NOT_KNOWN
+    route: str = NOT_KNOWN
+    upstream: str = NOT_KNOWN
     stream: bool = False
     status: int = 0
     bytes_in: int = 0
@@ -377,8 +378,9 @@ class Proxy:
     async def _fail(
         self, request: web.BaseRequest, ex: _Exchange, error: ProxyError
     ) -> web.StreamResponse:
-        """The one place that turns an error into what the client sees."""
-        if error.reject_reason != "none":
+        """A `ProxyError` as the client sees it: a status and error body before the first
+        byte; after it, an in-band SSE error event, or a cut connection."""
+        if error.reject_reason is not None:
             self._metrics.child(self._metrics.rejections, error.reject_reason).inc()
         started = ex.response
         if started is None or not started.prepared:

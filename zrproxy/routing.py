@@ -2,7 +2,8 @@
 
 Everything that can be precomputed from the config is, at start-up: the region and
 zero-retention filters give each (project, route) its fixed list of upstreams. Per
-request the project's allowlist and the routes' globs are matched (first match wins).
+request: the project's model allowlist (one compiled glob, if it has one), then the
+routes' globs in config order until one matches, then one dict lookup for the plan.
 What changes with the calendar (a subprocessor announced for a later day) is one date
 per plan compared with a cached "today", looked up at most once a minute.
 """

@@ -10,13 +10,14 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
 
+from tests.processes import LoggedProcess
 from zrproxy.cli import main
 
 SECRET = "sk-CLI-TEST-SECRET-0123456789"
@@ -145,7 +146,7 @@ def test_keygen_prints_a_key_and_its_digest(capsys: pytest.CaptureFixture[str]) 
     key, digest, out = keygen(capsys, "x")
     assert hashlib.sha256(key.encode()).hexdigest() == digest
     assert 'name = "x"' in out
-    assert len(key) >= 32
+    assert len(key) == len("zr-") + 43  # 32 random bytes, URL-safe base64
 
 
 def test_keygen_gives_a_new_key_every_time(capsys: pytest.CaptureFixture[str]) -> None:
@@ -245,60 +246,30 @@ def test_check_config_as_a_process(tmp_path: Path) -> None:
     assert usage.returncode == 2  # argparse: missing FILE
 
 
-@contextlib.asynccontextmanager
-async def zrproxy_process(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "zrproxy",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+@contextlib.contextmanager
+def zrproxy_process(*args: str) -> Iterator[LoggedProcess]:
+    proc = LoggedProcess(
+        [sys.executable, "-m", "zrproxy", *args], env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
     try:
         yield proc
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
-async def read_until(stream: asyncio.StreamReader, pattern: str, seen: list[str]) -> re.Match[str]:
-    """Read lines (kept in `seen`) until one matches `pattern`; bounded by the caller."""
-    while True:
-        line = (await stream.readline()).decode()
-        if not line:
-            raise AssertionError(f"stream ended before {pattern!r}: {''.join(seen)}")
-        seen.append(line)
-        match = re.search(pattern, line)
-        if match:
-            return match
+        proc.stop()
 
 
 async def test_serve_embedded_default_streams_and_stops_on_sigterm() -> None:
     prompt = "zr-cli-test-prompt-that-must-not-be-logged"
     args = ("serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
-    async with zrproxy_process(*args) as proc:
-        assert proc.stdout is not None and proc.stderr is not None
-        err: list[str] = []
-        out: list[str] = []
-        ready = await asyncio.wait_for(
-            read_until(
-                proc.stderr,
-                r"zrproxy ready: api=(http://127\.0\.0\.1:(\d+)) admin=(http://127\.0\.0\.1:(\d+))",
-                err,
-            ),
-            timeout=30,
+    with zrproxy_process(*args) as proc:
+        ready = proc.wait_for(
+            r"zrproxy ready: api=(http://127\.0\.0\.1:(\d+)) admin=(http://127\.0\.0\.1:(\d+))", 30
         )
         api, admin = ready.group(1), ready.group(3)
         assert int(ready.group(2)) != 0 and int(ready.group(4)) != 0
-        key = (await asyncio.wait_for(read_until(proc.stdout, r"key.*: (zr-\S+)", out), 10))[1]
-        curl = await asyncio.wait_for(read_until(proc.stdout, r"curl .*", out), 10)
+        key = proc.wait_for(r"key.*: (zr-\S+)", 10)[1]
+        curl = proc.wait_for(r"curl .*", 10)
         assert f"{api}/v1/chat/completions" in curl[0]
         assert f"Bearer {key}" in curl[0]
-        # Keep reading stderr so the child can never block on a full pipe.
-        err_task = asyncio.create_task(proc.stderr.read())
 
         body = {
             "model": "mock-n4",
@@ -329,15 +300,14 @@ async def test_serve_embedded_default_streams_and_stops_on_sigterm() -> None:
         assert events[-1] == b"data: [DONE]"
         assert all(e.startswith(b"data: ") for e in events)
         chunks = [orjson.loads(e[6:]) for e in events[:-1]]
-        assert len(chunks) >= 4
+        assert len(chunks) == 1 + 4 + 1  # the role chunk, mock-n4's 4, the finish chunk
         assert all(c["object"] == "chat.completion.chunk" for c in chunks)
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
         assert text
 
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
-        rest = (await asyncio.wait_for(err_task, 10)).decode()
-        stdout_rest = (await asyncio.wait_for(proc.stdout.read(), 10)).decode()
-        logs = "".join(err) + rest + "".join(out) + stdout_rest
+        proc.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+        proc.stop()  # the reader has seen everything the process wrote
+        logs = proc.output()
         assert prompt not in logs
         assert "zr-not-the-demo-key" not in logs

@@ -908,17 +908,11 @@ def test_mdwe_filter_refuses_write_execute_memory() -> None:
     assert "W+X mapping refused" in out.stderr
 
 
-def cli_available() -> bool:
-    return importlib.util.find_spec("zrproxy.cli") is not None
-
-
 @needs_x86_64
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("flags", [[], ["--scrub-memory"]], ids=["default", "scrub-memory"])
 def test_proxy_serves_under_memory_deny_write_execute(tmp_path: Path, flags: list[str]) -> None:
-    if not cli_available():
-        pytest.skip("zrproxy.cli not available yet")
     env = {**os.environ, "no_proxy": "*", "NO_PROXY": "*"}
     key = "zrp-" + secrets.token_urlsafe(24)
     mock = LoggedProcess(

@@ -9,16 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Mock, RunningProxy, StartProxy, kind_for
+from tests.conftest import Mock, RunningProxy, StartProxy, exchange, kind_for, metric
+from tests.fakes import closed_port
 from zrproxy.auth import new_key
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
@@ -37,37 +36,8 @@ def marker() -> str:
     return uuid.uuid4().hex
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-async def metric(proxy: RunningProxy, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels` (0 if none)."""
-    async with (
-        aiohttp.ClientSession() as s,
-        s.get(proxy.admin_url + "/metrics") as resp,
-    ):
-        assert resp.status == 200
-        text = await resp.text()
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                total += sample.value
-    return total
-
-
 async def rejections(proxy: RunningProxy, reason: str) -> float:
     return await metric(proxy, "zrproxy_rejections_total", reason=reason)
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def assert_clean(resp: aiohttp.ClientResponse, body: bytes, marker: str) -> None:
@@ -131,8 +101,7 @@ async def send(
     headers: dict[str, str] | None = None,
 ) -> tuple[aiohttp.ClientResponse, bytes]:
     all_headers = {"X-Marker": f"m-{marker}", **(headers or {})}
-    async with session.request(method, url, data=data, headers=all_headers) as resp:
-        return resp, await resp.read()
+    return await exchange(session, method, url, data=data, headers=all_headers)
 
 
 # --- 400: bodies we cannot use ---------------------------------------------------------------

@@ -1,107 +1,22 @@
 """Failover: the next upstream before the first byte, never after it.
 
-The failing upstreams are small aiohttp apps on port 0 (or a closed port), so what each
-one was asked, and in which order, is recorded here in the test.
+The failing upstreams are fakes (tests/fakes.py) on port 0, or a closed port, so what
+each one was asked, and in which order, is recorded in the test.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import struct
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.conftest import Mock, StartProxy, kind_for, metric
-
-RETRY_BODY = b'{"error":{"message":"slow down","type":"requests","param":null,"code":"rate"}}'
-
-
-@dataclass
-class Fake:
-    name: str
-    url: str  # base URL ending in /v1
-    hits: int = 0
-
-
-@dataclass
-class Fakes:
-    """The fake upstreams of one test, and the order they were called in."""
-
-    order: list[str] = field(default_factory=list)
-    runners: list[web.AppRunner] = field(default_factory=list)
-
-    async def start(self, name: str, behaviour: str) -> Fake:
-        fake = Fake(name, "")
-
-        async def handle(request: web.Request) -> web.StreamResponse:
-            await request.read()
-            fake.hits += 1
-            self.order.append(name)
-            if behaviour == "hang":
-                await asyncio.get_running_loop().create_future()
-            if behaviour == "reset":  # a TCP RST before any response byte
-                assert request.transport is not None
-                sock = request.transport.get_extra_info("socket")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                request.transport.abort()
-                return web.Response()
-            if behaviour == "429":
-                return web.Response(
-                    status=429,
-                    body=RETRY_BODY,
-                    content_type="application/json",
-                    headers={"Retry-After": "7", "x-request-id": name},
-                )
-            if behaviour in ("500", "502", "503"):
-                body = json.dumps({"error": {"message": f"{name} is down", "type": "server_error"}})
-                return web.Response(
-                    status=int(behaviour),
-                    text=body,
-                    content_type="application/json",
-                    headers={"x-request-id": name},
-                )
-            assert behaviour == "ok"
-            return web.json_response({"fake": name})
-
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handle)
-        runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5
-        )
-        await runner.setup()
-        self.runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-        return fake
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[Fakes]:
-    f = Fakes()
-    yield f
-    for runner in f.runners:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import Mock, StartProxy, kind_for, metric, post
+from tests.fakes import RETRY_BODY, closed_port
+from tests.fakes import FakeUpstream as Fake
+from tests.fakes import FakeUpstreams as Fakes
 
 
 def upstream(name: str, url: str, kind: str = "openai") -> dict[str, Any]:
@@ -441,8 +356,8 @@ async def test_stream_idle_timeout_gets_in_band_504_error(
 async def _read_all(
     session: aiohttp.ClientSession, url: str, data: bytes, auth: dict[str, str]
 ) -> tuple[int, bytes]:
-    async with session.post(url, data=data, headers=auth) as resp:
-        return resp.status, await resp.read()
+    resp, body = await post(session, url, data, auth)
+    return resp.status, body
 
 
 @pytest.mark.parametrize("model", ["mock-r1", "mock-hangbody"])
@@ -464,33 +379,13 @@ async def test_non_stream_mid_body_failure_is_not_a_complete_response(
 
 
 async def test_non_stream_chunked_mid_body_reset_is_not_a_complete_response(
-    start_proxy: StartProxy, session: aiohttp.ClientSession
+    start_proxy: StartProxy, fakes: Fakes, session: aiohttp.ClientSession
 ) -> None:
     # Same, with a chunked upstream body: the proxy must not end its own chunked body.
-    async def handle(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await response.prepare(request)
-        await response.write(b'{"id": "x", "choices": [')
-        await asyncio.sleep(0.05)
-        assert request.transport is not None
-        request.transport.abort()
-        return response
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-        proxy = await start_proxy([upstream("chunky", url)])
-        with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
-            await _read_all(session, proxy.url + "/v1/chat/completions", chat(), proxy.auth())
-        assert (
-            await metric(proxy, "zrproxy_upstream_errors_total", upstream="chunky", kind="reset")
-            == 1
-        )
-    finally:
-        await runner.cleanup()
+    chunky = await fakes.start("chunky", "chunked-reset")
+    proxy = await start_proxy([upstream("chunky", chunky.url)])
+    with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
+        await _read_all(session, proxy.url + "/v1/chat/completions", chat(), proxy.auth())
+    assert (
+        await metric(proxy, "zrproxy_upstream_errors_total", upstream="chunky", kind="reset") == 1
+    )

@@ -1,7 +1,7 @@
 """What crosses the proxy: credentials, headers, request ids, body rewrites, and what the
 official SDKs see.
 
-A recording upstream (an aiohttp app on port 0) shows the exact request the proxy sent;
+A recording upstream (a fake from tests/fakes.py) shows the exact request the proxy sent;
 the bundled mock covers the wire formats the SDKs parse.
 """
 
@@ -12,82 +12,26 @@ import json
 import re
 import uuid
 import zlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import anthropic
 import openai
 import pytest
-from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.conftest import Mock, RunningProxy, StartProxy, metric
+from tests.conftest import Mock, RunningProxy, StartProxy, metric, post
+from tests.fakes import FakeUpstream as Recorder
+from tests.fakes import FakeUpstreams
 
 UPSTREAM_KEY = "sk-upstream-test"
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
-@dataclass
-class Seen:
-    method: str
-    raw_path: str
-    headers: CIMultiDict[str]
-    body: bytes
-
-
-@dataclass
-class Recorder:
+@pytest.fixture
+async def recorder(fakes: FakeUpstreams) -> Recorder:
     """An upstream that records every request and answers with a canned response."""
-
-    url: str = ""
-    seen: list[Seen] = field(default_factory=list)
-    status: int = 200
-    body: bytes = b'{"id":"rec","choices":[]}'
-    content_type: str = "application/json"
-    headers: dict[str, str] = field(default_factory=dict)
-    chunks: tuple[bytes, ...] = ()  # if set: streamed (chunked) instead of `body`
-
-    @property
-    def last(self) -> Seen:
-        assert self.seen, "the upstream got no request"
-        return self.seen[-1]
-
-
-@pytest.fixture
-async def recorder() -> AsyncIterator[Recorder]:
-    rec = Recorder()
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        rec.seen.append(Seen(request.method, request.raw_path, CIMultiDict(request.headers), body))
-        headers = {"Content-Type": rec.content_type, **rec.headers}
-        if not rec.chunks:
-            return web.Response(status=rec.status, body=rec.body, headers=headers)
-        response = web.StreamResponse(status=rec.status, headers=headers)
-        await response.prepare(request)
-        for chunk in rec.chunks:
-            await response.write(chunk)
-        await response.write_eof()
-        return response
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    # auto_decompress=False: record the body bytes exactly as they arrived.
-    runner = web.AppRunner(app, access_log=None, auto_decompress=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    rec.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    yield rec
-    await runner.cleanup()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
+    return await fakes.start("recorder")
 
 
 @pytest.fixture
@@ -98,16 +42,6 @@ def marker() -> str:
 def chat(model: str = "mock", text: str = "hello", **extra: Any) -> bytes:
     body = {"model": model, "messages": [{"role": "user", "content": text}], **extra}
     return json.dumps(body).encode()
-
-
-async def post(
-    session: aiohttp.ClientSession,
-    url: str,
-    data: bytes,
-    headers: dict[str, str] | CIMultiDict[str],
-) -> tuple[aiohttp.ClientResponse, bytes]:
-    async with session.post(url, data=data, headers=headers) as resp:
-        return resp, await resp.read()
 
 
 # --- upstream credentials --------------------------------------------------------------------
@@ -611,7 +545,8 @@ async def test_stream_usage_only_when_asked(
     assert mock.stats.requests["usage"].stream_options == {"include_usage": True}
     after = await metric(proxy, "zrproxy_tokens_total", type="completion", project="acme")
     assert after == tokens + 5
-    assert await metric(proxy, "zrproxy_tokens_total", type="prompt") > 0
+    # The mock: prompt strings' characters // 4 + 1 ("user", "hello", "hello": 14).
+    assert await metric(proxy, "zrproxy_tokens_total", type="prompt") == 4
 
 
 # --- the official SDKs -------------------------------------------------------------------------
@@ -685,7 +620,7 @@ async def test_openai_sdk_embeddings(proxy: RunningProxy, marker: str) -> None:
     assert [d.index for d in result.data] == [0, 1]
     assert len(result.data[0].embedding) == 8
     assert result.data[0].embedding[0] == pytest.approx(0.0125)
-    assert result.usage.prompt_tokens > 0
+    assert result.usage.prompt_tokens == (32 + 3) // 4 + 1  # the mock: characters // 4 + 1
 
 
 async def test_openai_sdk_responses(proxy: RunningProxy, marker: str) -> None:

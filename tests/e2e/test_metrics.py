@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Mock, StartProxy
+from tests.conftest import Mock, StartProxy, metric
 from zrproxy.metrics import STATUS_CLASSES
 from zrproxy.retention_rules import REFUSAL_FIELDS
 
@@ -145,14 +145,11 @@ async def test_tokens_are_counted_for_streams_and_plain_responses(
             # The client did not ask for usage in the stream: it gets no usage chunk.
             if stream:
                 assert b'"usage":{' not in payload
-        async with client.get(proxy.admin_url + "/metrics") as resp:
-            text = await resp.text()
     tokens = {
-        s.labels["type"]: s.value
-        for f in text_string_to_metric_families(text)
-        if f.name == "zrproxy_tokens"
-        for s in f.samples
+        kind: await metric(proxy, "zrproxy_tokens_total", type=kind)
+        for kind in ("prompt", "completion")
     }
     # mock-n5 completes with 5 content chunks per response: counted for both responses.
-    assert tokens["completion"] >= 2 * 5
-    assert tokens["prompt"] > 0
+    assert tokens["completion"] == 2 * 5
+    # The mock's prompt tokens: characters of the prompt's strings ("user", "hello") // 4 + 1.
+    assert tokens["prompt"] == 2 * 3

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -28,7 +29,8 @@ from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zrproxy import mock_upstream
+from tests.processes import LoggedProcess
+from zrproxy import mock_upstream, mock_wire
 from zrproxy.mock_upstream import (
     MOCK_STATS,
     MockBehaviour,
@@ -93,9 +95,8 @@ async def mock() -> AsyncIterator[Mock]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+def http(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    return session  # conftest's client, by the name these tests use
 
 
 def chat_body(model: str, text: str = USER, **extra: Any) -> dict[str, Any]:
@@ -287,11 +288,11 @@ async def test_openai_sdk_completions_embeddings_models(mock: Mock) -> None:
 
     floats = await client.embeddings.create(model="mock", input=["a", "b", "c"])
     assert [d.index for d in floats.data] == [0, 1, 2]
-    assert floats.data[0].embedding == pytest.approx(list(mock_upstream._EMBEDDING))
+    assert floats.data[0].embedding == pytest.approx(list(mock_wire.EMBEDDING))
     encoded = await client.embeddings.create(model="mock", input="a", encoding_format="base64")
     assert isinstance(encoded.data[0].embedding, str)
     tokens = await client.embeddings.create(model="mock", input=[1, 2, 3])
-    assert len(tokens.data) == 1 and tokens.usage.prompt_tokens >= 1
+    assert len(tokens.data) == 1 and tokens.usage.prompt_tokens == 1  # no text: 0 // 4 + 1
 
     models = [m.id async for m in client.models.list()]
     assert "mock" in models
@@ -340,7 +341,8 @@ async def test_anthropic_sdk_messages(mock: Mock, http: aiohttp.ClientSession) -
     )
     assert done.content[0].type == "text" and done.content[0].text == USER + " lorem lorem"
     assert done.stop_reason == "end_turn"
-    assert done.usage.output_tokens == 3 and done.usage.input_tokens >= 1
+    # input tokens: the prompt strings' characters (66 here) // 4 + 1.
+    assert done.usage.output_tokens == 3 and done.usage.input_tokens == 17
 
     parts = [{"type": "text", "text": "anthropic parts"}]
     async with client.messages.stream(
@@ -349,7 +351,7 @@ async def test_anthropic_sdk_messages(mock: Mock, http: aiohttp.ClientSession) -
         text = "".join([t async for t in stream.text_stream])
         final = await stream.get_final_message()
     assert text == "anthropic parts" + " lorem" * 3
-    assert final.usage.output_tokens == 4 and final.usage.input_tokens >= 1
+    assert final.usage.output_tokens == 4 and final.usage.input_tokens == 6  # 23 // 4 + 1
     await client.close()
 
     body = chat_body("mock-n2", stream=True, max_tokens=5)
@@ -716,26 +718,22 @@ def test_retention_scan_can_fail() -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_main_as_a_subprocess(signum: int) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "zrproxy.mock_upstream", "--listen", "127.0.0.1:0",
-        cwd=REPO, stderr=asyncio.subprocess.PIPE,
+    proc = LoggedProcess(
+        [sys.executable, "-m", "zrproxy.mock_upstream", "--listen", "127.0.0.1:0"],
         env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
-    assert proc.stderr is not None
+        cwd=REPO,
+    )
     try:
-        line = await asyncio.wait_for(proc.stderr.readline(), 30)
-        match = re.search(rb"mock upstream listening on (http://127\.0\.0\.1:(\d+))$", line.strip())
-        assert match is not None and int(match[2]) != 0, line
+        match = proc.wait_for(r"mock upstream listening on (http://127\.0\.0\.1:(\d+))$", 30)
+        assert int(match[2]) != 0, match[0]
         async with aiohttp.ClientSession() as session:
-            async with session.get(match[1].decode() + "/v1/models") as resp:
+            async with session.get(match[1] + "/v1/models") as resp:
                 assert resp.status == 200
                 assert (await resp.json())["object"] == "list"
-        proc.send_signal(signum)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        proc.proc.send_signal(signum)
+        assert await asyncio.to_thread(proc.proc.wait, 30) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        proc.stop()
 
 
 def test_main_rejects_a_bad_listen_address(capsys: pytest.CaptureFixture[str]) -> None:
@@ -757,10 +755,20 @@ def test_bind_failure_exits_1(caplog: pytest.LogCaptureFixture) -> None:
     caplog.clear()  # the one expected error
 
 
-def test_imports_nothing_from_zrproxy() -> None:
-    tree = ast.parse(Path(mock_upstream.__file__).read_text())
+@pytest.mark.parametrize(
+    ("module", "allowed"), [(mock_upstream, {"zrproxy.mock_wire"}), (mock_wire, set())]
+)
+def test_imports_nothing_from_zrproxy_but_its_wire_formats(
+    module: ModuleType, allowed: set[str]
+) -> None:
+    assert module.__file__ is not None
+    tree = ast.parse(Path(module.__file__).read_text())
+    found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            assert not any(a.name.split(".")[0] == "zrproxy" for a in node.names)
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "zrproxy"}
         elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0 and (node.module or "").split(".")[0] != "zrproxy"
+            assert node.level == 0
+            if (node.module or "").split(".")[0] == "zrproxy":
+                found.add(node.module or "")
+    assert found == allowed

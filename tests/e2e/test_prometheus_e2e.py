@@ -8,12 +8,10 @@ Prometheus's HTTP API what it saw. Prometheus's TSDB lives under /dev/shm when i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -28,10 +26,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.fakes import free_port
 from tests.processes import LoggedProcess
-
-if importlib.util.find_spec("zrproxy.cli") is None:
-    pytest.skip("zrproxy.cli not available yet", allow_module_level=True)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -42,13 +38,6 @@ POLL_LIMIT_S = 30.0
 # Loopback only: never let an http_proxy in the environment see this traffic.
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 CHILD_ENV = {**os.environ, "no_proxy": "*", "NO_PROXY": "*"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def http_get(url: str, timeout_s: float = 5) -> tuple[int, bytes]:

@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 
+from tests import processes
 from tests.conftest import Mock, RunningProxy, StartProxy
+from tests.fakes import FakeUpstreams
 
 CHAT = "/v1/chat/completions"
 
@@ -32,7 +33,6 @@ async def lockstep_upstream(chunks: int) -> AsyncIterator[tuple[str, list[asynci
     acks = [asyncio.Event() for _ in range(chunks)]
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        await request.read()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for i in range(chunks):
@@ -41,17 +41,11 @@ async def lockstep_upstream(chunks: int) -> AsyncIterator[tuple[str, list[asynci
         await response.write(b"data: [DONE]\n\n")
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    fakes = FakeUpstreams()
     try:
-        yield f"http://127.0.0.1:{port}/v1", acks
+        yield (await fakes.start("lock", handler=handler)).url, acks
     finally:
-        await runner.cleanup()
+        await fakes.close()
 
 
 async def test_each_chunk_reaches_the_client_before_the_next_is_sent(
@@ -75,28 +69,10 @@ async def test_each_chunk_reaches_the_client_before_the_next_is_sent(
 
 
 @pytest.fixture
-async def mock_process() -> AsyncIterator[str]:
+def mock_process() -> Iterator[str]:
     """The bundled mock in its own process, so memory measured here is the proxy's."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "zrproxy.mock_upstream",
-        "--listen",
-        "127.0.0.1:0",
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    url = ""
-    while not url:
-        line = await asyncio.wait_for(process.stderr.readline(), timeout=20)
-        assert line, "mock upstream exited"
-        if b"listening on " in line:
-            url = line.split(b"listening on ")[1].strip().decode()
-    try:
-        yield url.rstrip("/") + ("" if url.endswith("/v1") else "/v1")
-    finally:
-        process.terminate()
-        await process.wait()
+    with processes.mock_process() as mock:
+        yield mock.url
 
 
 # Stated in the README: what one stream can hold in the proxy while its client is slow.

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import config_data
+from tests.conftest import config_data, settled_metric
 from tests.processes import mock_process, proxy_process
 from zrproxy.auth import new_key
 
@@ -37,18 +36,6 @@ def _metrics_dir(pid: int) -> Path:
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     value = next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
     return Path(value.split(b"=", 1)[1].decode())
-
-
-async def _requests_total(admin_url: str) -> float:
-    async with aiohttp.ClientSession() as client, client.get(admin_url + "/metrics") as resp:
-        text = await resp.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "zrproxy_requests"
-        for sample in family.samples
-        if sample.name == "zrproxy_requests_total"
-    )
 
 
 async def _send(url: str, key: str, count: int) -> list[int]:
@@ -89,7 +76,7 @@ async def test_workers_share_a_port_sum_metrics_restart_and_drain(tmp_path: Path
             assert str(metrics_dir).startswith("/dev/shm/")
 
             assert await _send(proxy.url, key, 40) == [200] * 40
-            assert await _requests_total(proxy.admin_url) == 40
+            assert await settled_metric(proxy.admin_url, "zrproxy_requests_total", 40) == 40
             # Both workers served traffic: each wrote its own counter file.
             writers = {p.name for p in metrics_dir.glob("counter_*.db")}
             assert {f"counter_{pid}.db" for pid in workers} <= writers
@@ -99,7 +86,8 @@ async def test_workers_share_a_port_sum_metrics_restart_and_drain(tmp_path: Path
             os.kill(crashed, signal.SIGKILL)
             assert _wait_until(lambda: len(_children(proxy.pid) - {crashed}) == 2, 20)
             assert await _send(proxy.url, key, 10) == [200] * 10
-            assert await _requests_total(proxy.admin_url) == 50  # counters survive a crash
+            # Counters survive a crash.
+            assert await settled_metric(proxy.admin_url, "zrproxy_requests_total", 50) == 50
 
             survivors = _children(proxy.pid)
             proxy.process.send_signal(signal.SIGTERM)

@@ -371,20 +371,21 @@ def _peer_can_read_memory(pid: int) -> bool:
 
 
 async def test_running_proxy_is_non_dumpable_and_leaves_no_core(tmp_path: Path) -> None:
-    from tests.processes import proxy_process
+    from tests.processes import LoggedProcess, proxy_process
     from zrproxy.auth import new_key
 
     if os.geteuid() != 0:
         pytest.skip("needs root to drop CAP_SYS_PTRACE from a peer process")
     # Control: an ordinary process is readable by such a peer, so a refusal means something.
-    sleeper = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(30)"], preexec_fn=_without_ptrace
+    sleeper = LoggedProcess(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        preexec_fn=_without_ptrace,
+        stdin=True,
     )
     try:
         assert _peer_can_read_memory(sleeper.pid)
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        sleeper.stop()
     _, digest = new_key()
     config = {
         "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"},

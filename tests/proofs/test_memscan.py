@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from tests.memscan import (
     scan_regions,
     wait_until_sleeping,
 )
+from tests.processes import LoggedProcess
 
 # The child derives the marker from a seed, so the marker itself never crosses the process
 # boundary (argv, pipes) and is not in any source text: every copy found is one the child
@@ -53,19 +53,13 @@ def _marker(seed: str) -> bytes:
 @contextmanager
 def _holder(mode: str) -> Iterator[tuple[int, bytes]]:
     seed = os.urandom(16).hex()
-    with subprocess.Popen(
-        [sys.executable, "-c", HOLDER, seed, mode],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    ) as proc:
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            assert proc.stdout.readline() == b"ready\n"
-            wait_until_sleeping(proc.pid)
-            yield proc.pid, _marker(seed)
-        finally:
-            proc.stdin.close()
-            proc.wait(timeout=10)
+    holder = LoggedProcess([sys.executable, "-c", HOLDER, seed, mode], stdin=True)
+    try:
+        holder.wait_for("^ready$")
+        wait_until_sleeping(holder.pid)
+        yield holder.pid, _marker(seed)
+    finally:
+        holder.stop(10)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 4093])
@@ -103,7 +97,8 @@ def test_regions_skip_kernel_pages() -> None:
 
 
 def test_dead_process_raises_instead_of_counting_zero() -> None:
-    with subprocess.Popen([sys.executable, "-c", "pass"]) as proc:
+    proc = LoggedProcess([sys.executable, "-c", "pass"])  # nobody reaps it until stop()
+    try:
         # A zombie still has /proc/<pid>/mem but no memory behind it.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -116,7 +111,8 @@ def test_dead_process_raises_instead_of_counting_zero() -> None:
         # The kernel refuses the open (ESRCH) or the scan reads nothing: both must raise.
         with pytest.raises((OSError, RuntimeError)):
             count_occurrences(proc.pid, [b"anything"])
-        proc.wait()
+    finally:
+        proc.stop()
 
 
 def test_scan_joins_only_touching_regions_read_to_the_end() -> None:
