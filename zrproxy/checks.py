@@ -7,6 +7,7 @@ warning names the key path and never prints a value that could be a secret.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import re
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -103,7 +104,25 @@ def _upstreams(config: Config) -> list[ConfigWarning]:
         ):
             problem = "a provider's API host without api_key_env: every request will be refused"
             found.append(ConfigWarning(f"upstreams[{i}]", problem))
+        if parts.scheme == "http" and not _is_loopback(host):
+            problem = "plain http:// to a host that is not loopback: prompts cross unencrypted"
+            found.append(ConfigWarning(key, problem))
+        if upstream.kind == "anthropic" and upstream.request_overrides:
+            problem = (
+                "Anthropic's Messages API rejects unknown fields: every field here must be "
+                "one it accepts, or each request fails with 400"
+            )
+            found.append(ConfigWarning(f"upstreams[{i}].request_overrides", problem))
     return found
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _server(config: Config, cpus: int) -> list[ConfigWarning]:

@@ -22,9 +22,16 @@ from typing import Any, Literal, TypeVar
 import pyrage
 from pyrage import x25519
 
-from zrproxy.dialects import DIALECTS, Dialect
+from zrproxy.dialects import DIALECTS, ENDPOINTS, Dialect
 from zrproxy.errors import ConfigError, ConfigErrors
 
+# Where an upstream's request_overrides go unless it names its own override_endpoints:
+# the generation endpoints, which take fields such as `store` and `metadata`. Embeddings,
+# moderations and completions reject `store`; Anthropic rejects unknown fields anywhere.
+OVERRIDE_ENDPOINTS: Mapping[Dialect, tuple[str, ...]] = {
+    "openai": ("/v1/chat/completions", "/v1/responses"),
+    "anthropic": ("/v1/messages",),
+}
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 # Overrides may add fields (store, metadata policy, ...) but not change what is asked.
@@ -72,6 +79,12 @@ class UpstreamConfig:
     # The provider contract says it keeps nothing (an account agreement). Unknown means
     # it retains: only upstreams with this set may serve zero-retention projects.
     zero_data_retention: bool = False
+    # The endpoints request_overrides go into (default: OVERRIDE_ENDPOINTS[kind]).
+    override_endpoints: tuple[str, ...] = ()
+
+    def overrides_for(self, path: str) -> Mapping[str, Any]:
+        """The request_overrides for a request to `path` (none where they don't apply)."""
+        return self.request_overrides if path in self.override_endpoints else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,9 +404,25 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
     overrides: Mapping[str, Any] = table.take("request_overrides", _overrides, {})
     header_overrides = table.take("header_overrides", _header_overrides, {})
     zdr = table.take("zero_data_retention", _bool, False)
+    endpoints = table.take("override_endpoints", _str_list, OVERRIDE_ENDPOINTS[kind])
+    for i, path in enumerate(endpoints):
+        endpoint = ENDPOINTS.get(path)
+        if endpoint is None or endpoint.dialect != kind:
+            raise ConfigError(
+                table.key(f"override_endpoints[{i}]"), f"is not an endpoint of a {kind} upstream"
+            )
     table.finish()
     return UpstreamConfig(
-        name, kind, base_url, api_key_env, api_key, region, overrides, header_overrides, zdr
+        name,
+        kind,
+        base_url,
+        api_key_env,
+        api_key,
+        region,
+        overrides,
+        header_overrides,
+        zdr,
+        tuple(endpoints),
     )
 
 

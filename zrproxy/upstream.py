@@ -102,7 +102,7 @@ class Upstreams:
             try:
                 response = await upstream.session.post(
                     upstream.urls[path],
-                    data=bodies.for_upstream(config.kind, config.request_overrides),
+                    data=bodies.for_upstream(config.kind, config.overrides_for(path)),
                     headers=headers,
                     allow_redirects=False,  # a redirect target would be a new subprocessor
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import kind_for
@@ -105,3 +106,32 @@ def test_header_overrides_may_not_touch_what_the_proxy_sets(name: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(data, {})
     assert caught.value.key_path == f"upstreams[0].header_overrides.{name}"
+
+
+async def test_overrides_reach_only_the_endpoints_that_take_them() -> None:
+    # OpenAI rejects `store` on embeddings and moderations: by default overrides go only
+    # into chat completions and responses; `override_endpoints` names others.
+    async with recorder() as rec:
+        async with proxy(_data(rec.url, request_overrides={"store": False})) as p:
+            for path, body in [
+                ("/v1/chat/completions", chat()),
+                ("/v1/embeddings", {"model": "mock", "input": "hi"}),
+                ("/v1/moderations", {"input": "hi"}),
+            ]:
+                status, _doc, _ = await call(p.url + path, body, p.auth("open"))
+                assert status == 200
+            assert [(s.path, "store" in orjson.loads(s.body)) for s in rec.seen] == [
+                ("/v1/chat/completions", True),
+                ("/v1/embeddings", False),
+                ("/v1/moderations", False),
+            ]
+        upstream = {"request_overrides": {"user": "u1"}, "override_endpoints": ["/v1/embeddings"]}
+        async with proxy(_data(rec.url, **upstream)) as p:
+            for path, body in [
+                ("/v1/chat/completions", chat()),
+                ("/v1/embeddings", {"model": "mock", "input": "hi"}),
+            ]:
+                status, _doc, _ = await call(p.url + path, body, p.auth("open"))
+                assert status == 200
+            assert orjson.loads(rec.seen[-1].body)["user"] == "u1"
+            assert "user" not in orjson.loads(rec.seen[-2].body)

@@ -323,6 +323,16 @@ WARNINGS = [
     ),
     ("idle > total", edit(("server", "idle_timeout_s"), 900), "server.idle_timeout_s"),
     ("too many workers", edit(("server", "workers"), 65), "server.workers"),
+    (
+        "plain http to a remote host",
+        edit_base_url("http://10.0.0.5:8000/v1"),
+        "upstreams[0].base_url",
+    ),
+    (
+        "overrides on an Anthropic upstream",
+        edit(("upstreams", 1, "request_overrides"), {"metadata": {"user_id": "x"}}),
+        "upstreams[1].request_overrides",
+    ),
     ("provider host without key", edit(("upstreams", 1, "api_key_env"), None), "upstreams[1]"),
     ("provider subdomain without key", edit(("upstreams", 0, "api_key_env"), None), "upstreams[0]"),
 ]
@@ -347,7 +357,7 @@ def test_warning(
 def test_base_urls_that_are_fine(tmp_path: Path) -> None:
     for url in (
         "https://eu.api.openai.com/v1",
-        "http://10.0.0.5:8000/openai/v1",
+        "https://10.0.0.5:8000/openai/v1",
         "https://x/v1beta/",
     ):
         config = parse_config(edit_base_url(url), {ENV: "k"})

@@ -151,8 +151,10 @@ def test_full_config_round_trips_into_dataclasses(tmp_path: Path) -> None:
         api_key=SECRET,
         region="eu",
         request_overrides={"store": False, "metadata": {"tier": "zr"}},
+        override_endpoints=("/v1/chat/completions", "/v1/responses"),
     )
     assert anth.kind == "anthropic"
+    assert anth.override_endpoints == ("/v1/messages",)
     assert anth.api_key == ENV["ANTHROPIC_KEY"]
     assert anth.request_overrides == {}
     assert config.upstream("anth") is anth
@@ -569,3 +571,27 @@ def test_load_config_names_the_key_in_a_file(tmp_path: Path) -> None:
 
 def test_parse_config_returns_a_config() -> None:
     assert isinstance(parse_config(minimal(), {}), Config)
+
+
+def test_overrides_go_only_to_the_endpoints_that_take_them() -> None:
+    data = minimal()
+    data["upstreams"][0]["request_overrides"] = {"store": False}
+    upstream = parse_config(data, {}).upstreams[0]
+    # By default the generation endpoints only: embeddings would reject `store`.
+    assert upstream.overrides_for("/v1/responses") == {"store": False}
+    assert upstream.overrides_for("/v1/chat/completions") == {"store": False}
+    for path in ("/v1/embeddings", "/v1/completions", "/v1/moderations"):
+        assert upstream.overrides_for(path) == {}
+    data["upstreams"][0]["override_endpoints"] = ["/v1/embeddings"]
+    upstream = parse_config(data, {}).upstreams[0]
+    assert upstream.overrides_for("/v1/embeddings") == {"store": False}
+    assert upstream.overrides_for("/v1/responses") == {}
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/nothing", "/v1/chat/completions/"])
+def test_override_endpoints_must_be_the_kinds_own(path: str) -> None:
+    data = minimal()
+    data["upstreams"][0]["override_endpoints"] = ["/v1/responses", path]
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, {})
+    assert info.value.key_path == "upstreams[0].override_endpoints[1]"
