@@ -25,7 +25,7 @@ import zipfile
 from collections.abc import Iterator
 from hashlib import sha256
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import kubernetes_validate
 import pytest
@@ -34,6 +34,8 @@ from kubernetes_validate.utils import SchemaNotFoundError
 
 from tests.processes import LoggedProcess
 from zrproxy.config import ServerConfig, parse_config
+from zrproxy.errors import RejectReason
+from zrproxy.metrics import TokenType, UpstreamErrorKind
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -82,20 +84,9 @@ LABEL_ENUMS = {
     "zero_retention": {"true", "false"},
     "audit_log": {"true", "false"},
     "stream": {"true", "false"},
-    "type": {"prompt", "completion"},
-    "kind": {"connect", "timeout", "status_429", "status_5xx", "reset"},
-    "reason": {
-        "auth",
-        "model",
-        "size",
-        "malformed",
-        "not_found",
-        "method",
-        "draining",
-        "region",
-        "zero_retention",
-        "not_active",
-    },
+    "type": set(get_args(TokenType)),
+    "kind": set(get_args(UpstreamErrorKind)),
+    "reason": set(get_args(RejectReason)),
 }
 # Labels Prometheus (and the Prometheus Operator) attach to every scraped series.
 TARGET_LABELS = frozenset(

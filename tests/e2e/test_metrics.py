@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import random
 import secrets
+from typing import get_args
 
 import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Mock, StartProxy, metric
-from zrproxy.metrics import STATUS_CLASSES
+from zrproxy.errors import RejectReason
+from zrproxy.metrics import STATUS_CLASSES, TokenType, UpstreamErrorKind
 from zrproxy.retention_rules import REFUSAL_FIELDS
 
 PATHS = [
@@ -24,21 +26,9 @@ PATHS = [
 FIXED_ENUMS = {
     "status_class": set(STATUS_CLASSES),
     "stream": {"true", "false"},
-    "type": {"prompt", "completion"},
-    "kind": {"connect", "timeout", "status_429", "status_5xx", "reset"},
-    "reason": {
-        "auth",
-        "model",
-        "size",
-        "malformed",
-        "not_found",
-        "method",
-        "draining",
-        "region",
-        "endpoint",
-        "zero_retention",
-        "not_active",
-    },
+    "type": set(get_args(TokenType)),
+    "kind": set(get_args(UpstreamErrorKind)),
+    "reason": set(get_args(RejectReason)),
     "field": set(REFUSAL_FIELDS),
     "le": None,  # histogram buckets: fixed by the code
     "outcome": {"written", "dropped_queue_full", "dropped_write_error"},
