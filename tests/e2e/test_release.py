@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
@@ -100,8 +101,11 @@ def test_readme_has_no_internal_wording() -> None:
 
 
 def make_dry_run(directory: Path, target: str) -> list[str]:
+    # As a user runs it: not as a sub-make of `make test` (which would add
+    # "Entering directory" lines and pass its own flags down).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     result = subprocess.run(
-        ["make", "-n", target], cwd=directory, capture_output=True, text=True, check=True
+        ["make", "-n", target], cwd=directory, env=env, capture_output=True, text=True, check=True
     )
     return result.stdout.splitlines()
 
