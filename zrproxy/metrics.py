@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Literal, TypeVar
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.metrics import MetricWrapperBase
+
+from zrproxy import __version__
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -135,6 +137,16 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.build_info = Gauge(
+            "zrproxy_build_info",
+            "1, labelled with the zrproxy version running.",
+            ["version"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(__version__).set(1)
+        # process_* (RSS, open fds, CPU seconds, start time) of the process serving /metrics.
+        ProcessCollector(registry=r)
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
 
     def child(self, metric: M, *labels: str) -> M:

@@ -31,7 +31,7 @@ from dataclasses import replace
 from multiprocessing.process import BaseProcess
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client import multiprocess as prometheus_multiprocess
 
 from zrproxy import logs
@@ -106,6 +106,8 @@ class Supervisor:
             self._workers.append(self._spawn(index + 1))
         registry = CollectorRegistry()
         prometheus_multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
+        # The workers' process_* series can't be summed: these are the supervisor's.
+        ProcessCollector(registry=registry)
         self._admin_runner = web.AppRunner(
             admin_app(
                 self._state,

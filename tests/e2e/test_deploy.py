@@ -76,6 +76,7 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "zrproxy_open_streams": ("gauge", frozenset()),
     "zrproxy_audit_records_total": ("counter", frozenset({"project", "outcome"})),
     "zrproxy_project_info": ("gauge", frozenset({"project", "zero_retention", "audit_log"})),
+    "zrproxy_build_info": ("gauge", frozenset({"version"})),
 }
 # Closed label value sets from the spec (1xx: zrproxy.metrics.STATUS_CLASSES has it too).
 LABEL_ENUMS = {

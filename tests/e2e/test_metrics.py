@@ -11,6 +11,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Mock, StartProxy, metric
+from zrproxy import __version__
 from zrproxy.errors import RejectReason
 from zrproxy.metrics import STATUS_CLASSES, TokenType, UpstreamErrorKind
 from zrproxy.retention_rules import REFUSAL_FIELDS
@@ -34,6 +35,7 @@ FIXED_ENUMS = {
     "outcome": {"written", "dropped_queue_full", "dropped_write_error"},
     "zero_retention": {"true", "false"},
     "audit_log": {"true", "false"},
+    "version": {__version__},
 }
 
 
@@ -98,7 +100,7 @@ async def test_series_stay_within_the_config_bound(mock: Mock, start_proxy: Star
         "zrproxy_request_bytes": projects * routes_n,
         "zrproxy_response_bytes": projects * routes_n,
         "zrproxy_stream_chunks": routes_n,
-        "zrproxy_tokens": projects * routes_n * 2,
+        "zrproxy_tokens": projects * routes_n * ups * len(FIXED_ENUMS["type"]),  # type: ignore[arg-type]
         "zrproxy_upstream_errors": ups * len(FIXED_ENUMS["kind"]),  # type: ignore[arg-type]
         "zrproxy_failovers": routes_n,
         "zrproxy_client_aborts": routes_n,
@@ -108,6 +110,7 @@ async def test_series_stay_within_the_config_bound(mock: Mock, start_proxy: Star
         "zrproxy_open_streams": 1,
         "zrproxy_project_info": len(config.projects),
         "zrproxy_audit_records": len(config.projects) * 3,
+        "zrproxy_build_info": 1,
     }
     assert set(series) <= set(bound), set(series) - set(bound)
     for name, count in series.items():
