@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.audited import audited_config, chat, keypair, pyrage_decrypt
 from tests.processes import mock_process, proxy_process
-from tests.proofs.test_nodisk import _children
+from tests.strace import children
 from zrproxy import auditfiles
 from zrproxy.auth import new_key
 
@@ -38,7 +38,7 @@ async def test_every_worker_writes_its_own_sealed_records(tmp_path: Path) -> Non
     with mock_process() as mock:
         config = audited_config(mock.url, recipient, audit_dir, digests)
         with proxy_process(config, tmp_path, "--workers", "2") as proxy:
-            workers = set(_children(proxy.pid))
+            workers = set(children(proxy.pid))
             headers = {"Authorization": f"Bearer {keys['beta']}"}
             body = orjson.dumps(chat("mock-n4", "hello", True))
             url = proxy.url + "/v1/chat/completions"
