@@ -17,9 +17,12 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Behaviours: "ok" (the canned response), "hang" (never answers), "reset" (a TCP RST
@@ -34,6 +37,11 @@ class Seen:
     raw_path: str
     headers: CIMultiDict[str]
     body: bytes
+
+    @property
+    def path(self) -> str:
+        """The path as the application sees it: decoded, without the query."""
+        return URL(self.raw_path).path
 
 
 @dataclass
@@ -58,6 +66,10 @@ class FakeUpstream:
     def last(self) -> Seen:
         assert self.seen, "the upstream got no request"
         return self.seen[-1]
+
+    def json(self, i: int = -1) -> Any:
+        """The body of request `i` (the last by default), parsed."""
+        return orjson.loads(self.seen[i].body)
 
     async def answer(self, request: web.Request) -> web.StreamResponse:
         behaviour, name = self.behaviour, self.name

@@ -1,33 +1,23 @@
-"""Helpers for the data-handling tests: several mocks, a recording upstream, a proxy
+"""Helpers for the data-handling tests: several mocks, a recording fake upstream, a proxy
 with an injected calendar, and requests that read the whole answer (test helper)."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
-from multidict import CIMultiDict
 
+from tests.fakes import FakeUpstream, FakeUpstreams
 from zrproxy.app import Service
 from zrproxy.auth import new_key
 from zrproxy.config import parse_config
 from zrproxy.mock_upstream import MOCK_STATS, MockStats, start_mock
 from zrproxy.routing import DayClock
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on (connection refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @dataclass
@@ -56,54 +46,20 @@ async def mocks(*names: str) -> AsyncIterator[Mocks]:
             await runner.cleanup()
 
 
-@dataclass
-class Seen:
-    path: str
-    headers: CIMultiDict[str]
-    body: bytes
-
-
-@dataclass
-class Recorder:
-    """A loopback upstream that records every request whole and answers `reply`."""
-
-    url: str = ""
-    seen: list[Seen] = field(default_factory=list)
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def json(self, i: int = -1) -> Any:
-        return orjson.loads(self.seen[i].body)
-
-
 @contextlib.asynccontextmanager
 async def recorder(
     status: int = 200, headers: dict[str, str] | None = None
-) -> AsyncIterator[Recorder]:
-    rec = Recorder(status=status, headers=headers or {})
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        rec.seen.append(Seen(request.path, CIMultiDict(request.headers), body))
-        return web.Response(
-            status=rec.status,
-            body=b'{"id":"x","object":"chat.completion","choices":[]}',
-            content_type="application/json",
-            headers=rec.headers,
-        )
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    rec.url = f"http://127.0.0.1:{port}/v1"
+) -> AsyncIterator[FakeUpstream]:
+    """A fake upstream (tests/fakes.py) that records every request whole and answers
+    `status` with `headers` and an empty chat completion."""
+    fakes = FakeUpstreams()
     try:
+        rec = await fakes.start("recorder")
+        rec.status, rec.headers = status, headers or {}
+        rec.body = b'{"id":"x","object":"chat.completion","choices":[]}'
         yield rec
     finally:
-        await runner.cleanup()
+        await fakes.close()
 
 
 @dataclass

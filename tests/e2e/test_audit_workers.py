@@ -3,29 +3,17 @@ parent's /metrics the sum (real processes)."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import aiohttp
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.audited import audited_config, chat, keypair, pyrage_decrypt
+from tests.conftest import settled_metric
 from tests.processes import mock_process, proxy_process
-from tests.proofs.test_nodisk import _children
+from tests.strace import children
 from zrproxy import auditfiles
 from zrproxy.auth import new_key
-
-
-async def _written(client: aiohttp.ClientSession, admin_url: str) -> float:
-    async with client.get(admin_url + "/metrics") as resp:
-        text = await resp.text()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "zrproxy_audit_records_total" and s.labels.get("outcome") == "written"
-    )
 
 
 async def test_every_worker_writes_its_own_sealed_records(tmp_path: Path) -> None:
@@ -38,7 +26,7 @@ async def test_every_worker_writes_its_own_sealed_records(tmp_path: Path) -> Non
     with mock_process() as mock:
         config = audited_config(mock.url, recipient, audit_dir, digests)
         with proxy_process(config, tmp_path, "--workers", "2") as proxy:
-            workers = set(_children(proxy.pid))
+            workers = set(children(proxy.pid))
             headers = {"Authorization": f"Bearer {keys['beta']}"}
             body = orjson.dumps(chat("mock-n4", "hello", True))
             url = proxy.url + "/v1/chat/completions"
@@ -50,12 +38,10 @@ async def test_every_worker_writes_its_own_sealed_records(tmp_path: Path) -> Non
                 ):
                     assert r.status == 200 and r.headers["ZR-Data-Retention"] == "audit-log"
                     await r.read()
-            async with aiohttp.ClientSession() as client:
-                for _ in range(500):
-                    if await _written(client, proxy.admin_url) == count:
-                        break
-                    await asyncio.sleep(0.02)
-                assert await _written(client, proxy.admin_url) == count
+            written = await settled_metric(
+                proxy.admin_url, "zrproxy_audit_records_total", count, outcome="written"
+            )
+            assert written == count
     files = auditfiles.record_files(str(audit_dir), "beta")
     assert sorted(pyrage_decrypt(p, identity)["request_id"] for p in files) == sorted(
         f"w{i}" for i in range(count)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from tests.e2e.test_deploy import DEPLOY, K8S, dockerfile_cmd, dockerfile_instructions, final_stage
+from tests.deploy_support import DEPLOY, K8S, dockerfile_cmd, dockerfile_instructions, final_stage
 from tests.processes import LoggedProcess
 from zrproxy import __version__
 

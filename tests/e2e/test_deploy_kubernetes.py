@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import kubernetes_validate
 import pytest
 
-from tests.e2e.test_deploy import (
+from tests.deploy_support import (
     DEPLOY,
     K8S,
     K8S_VERSIONS,

@@ -8,7 +8,6 @@ Tenants must not see the operator's account; providers must not see the tenant's
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from tests.conftest import StartProxy
+from tests.fakes import FakeUpstream, FakeUpstreams
 from zrproxy.headers import REQUEST_ALLOWLIST, RESPONSE_ALLOWLIST
 
 UPSTREAM_KEY = "sk-operator-key-0123456789"
@@ -90,25 +90,30 @@ OPENAI_SSE = (
 
 @dataclass
 class Provider:
-    """A fake provider: records request headers, answers like the real one."""
+    """A fake provider (tests/fakes.py): records requests, answers like the real one."""
 
     kind: str
-    url: str = ""
+    fake: FakeUpstream = field(init=False)
     status: int = 200
     extra: dict[str, str] = field(default_factory=dict)
-    seen: list[CIMultiDict[str]] = field(default_factory=list)
 
+    @property
+    def url(self) -> str:
+        return self.fake.url
 
-async def start_provider(provider: Provider) -> web.AppRunner:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        provider.seen.append(CIMultiDict(request.headers))
+    @property
+    def seen(self) -> list[CIMultiDict[str]]:
+        """The headers of each request, in order."""
+        return [seen.headers for seen in self.fake.seen]
+
+    async def answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        names = OPENAI_HEADERS if provider.kind == "openai" else ANTHROPIC_HEADERS
-        headers = {**names, **provider.extra}
-        if provider.status != 200:
+        names = OPENAI_HEADERS if self.kind == "openai" else ANTHROPIC_HEADERS
+        headers = {**names, **self.extra}
+        if self.status != 200:
             return web.json_response(
                 {"error": {"message": "Rate limited", "type": "rate_limit_error"}},
-                status=provider.status,
+                status=self.status,
                 headers=headers,
             )
         if body.get("stream"):
@@ -119,33 +124,24 @@ async def start_provider(provider: Provider) -> web.AppRunner:
             await response.write(OPENAI_SSE)
             await response.write_eof()
             return response
-        payload = OPENAI_JSON if provider.kind == "openai" else ANTHROPIC_JSON
+        payload = OPENAI_JSON if self.kind == "openai" else ANTHROPIC_JSON
         return web.Response(body=payload, content_type="application/json", headers=headers)
 
-    app = web.Application()
-    app.router.add_post("/v1/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    provider.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    return runner
+
+async def start_provider(fakes: FakeUpstreams, kind: str) -> Provider:
+    provider = Provider(kind)
+    provider.fake = await fakes.start(kind, handler=provider.answer)
+    return provider
 
 
 @pytest.fixture
-async def openai_up() -> AsyncIterator[Provider]:
-    provider = Provider("openai")
-    runner = await start_provider(provider)
-    yield provider
-    await runner.cleanup()
+async def openai_up(fakes: FakeUpstreams) -> Provider:
+    return await start_provider(fakes, "openai")
 
 
 @pytest.fixture
-async def anthropic_up() -> AsyncIterator[Provider]:
-    provider = Provider("anthropic")
-    runner = await start_provider(provider)
-    yield provider
-    await runner.cleanup()
+async def anthropic_up(fakes: FakeUpstreams) -> Provider:
+    return await start_provider(fakes, "anthropic")
 
 
 def upstreams(openai_up: Provider, anthropic_up: Provider) -> list[dict[str, object]]:

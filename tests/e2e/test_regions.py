@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.policy_fixtures import call, chat, closed_port, mocks, proxy
+from tests.fakes import closed_port
+from tests.policy_fixtures import call, chat, mocks, proxy
 from tests.processes import to_toml
 from zrproxy.cli import main
 

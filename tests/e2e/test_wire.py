@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
-from collections.abc import AsyncIterator
 
 import aiohttp
 import anthropic
@@ -14,13 +12,8 @@ import openai
 import pytest
 
 from tests.conftest import Mock, RunningProxy, StartProxy, metric
+from tests.fakes import closed_port
 from zrproxy.auth import new_key
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def test_count_tokens_through_the_anthropic_sdk(mock: Mock, proxy: RunningProxy) -> None:
@@ -171,7 +164,7 @@ async def test_upstream_failing_and_recovering_is_logged_without_content(
     caplog.set_level(logging.DEBUG)
     proxy = await start_proxy(
         [
-            {"name": "dead", "kind": "openai", "base_url": f"http://127.0.0.1:{_closed_port()}/v1"},
+            {"name": "dead", "kind": "openai", "base_url": f"http://127.0.0.1:{closed_port()}/v1"},
             {"name": "mock", "kind": "openai", "base_url": mock.url},
         ],
         routes=[
@@ -190,9 +183,3 @@ async def test_upstream_failing_and_recovering_is_logged_without_content(
     health = [r.getMessage() for r in caplog.records if r.name == "zrproxy.upstreams"]
     assert health == ["upstream dead is failing (connect)"]
     assert all(marker not in r.getMessage() for r in caplog.records)
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

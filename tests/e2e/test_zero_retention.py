@@ -9,7 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.policy_fixtures import call, chat, closed_port, mocks, proxy
+from tests.conftest import metric
+from tests.fakes import closed_port
+from tests.policy_fixtures import call, chat, mocks, proxy
 from tests.processes import to_toml
 from zrproxy.cli import main
 from zrproxy.retention_rules import RULES, STORING_ENDPOINTS
@@ -209,9 +211,8 @@ async def test_state_fields_are_refused_before_any_upstream(param: str) -> None:
                 assert doc["error"]["code"] == "zero_retention_conflict"
                 assert doc["error"]["param"] == param
             assert m.started("zdr") == 0
-            _s, _d, metrics = await call(p.admin_url + "/metrics", None, {}, "GET")
-            line = f'zrproxy_zero_retention_refusals_total{{field="{param}"}} 1.0'
-            assert line.encode() in metrics.splitlines()
+            refusals = "zrproxy_zero_retention_refusals_total"
+            assert await metric(p.admin_url, refusals, field=param) == 1
             # Without zero retention, the same body reaches the upstream with the field.
             status, _doc, _ = await call(p.url + path, body, p.auth("open"))
             assert status == 200

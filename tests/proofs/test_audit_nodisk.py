@@ -24,7 +24,7 @@ import pytest
 
 from tests.audited import age_decrypt, keypair, needs_age
 from tests.processes import Proc, mock_process, proxy_process
-from tests.proofs.test_nodisk import _WRITE, STRACE, TRACED, _children, violations
+from tests.strace import STRACE, TRACED, WRITE, children, violations
 from tests.traffic import drive_every_path, retention_config
 from zrproxy import auditfiles
 from zrproxy.auth import new_key
@@ -65,7 +65,7 @@ def _traced_proxy(config: Any, tmp_path: Path) -> Iterator[tuple[Proc, Path]]:
         finally:
             # strace detaches on SIGTERM and would leave the proxy running: stop the
             # proxy itself (it writes what is queued); strace exits with it.
-            for child in _children(proxy.pid):
+            for child in children(proxy.pid):
                 os.kill(child, signal.SIGTERM)
             assert proxy.process.wait(30) == 0
 
@@ -128,7 +128,7 @@ async def test_audit_traffic_writes_only_ciphertext_under_the_audit_dir(tmp_path
     # Every path the proxy created, renamed or opened for writing is in the audit dir.
     written = set()
     for line in violations(trace):
-        if match := _WRITE.match(line):
+        if match := WRITE.match(line):
             written.add(match.group(3))  # the file behind the fd, not the (sealed) data
         else:
             written.update(_PATHS.findall(line))
