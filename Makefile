@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 # Debian packages some tests and the benchmark drive as real peers.
-SYSTEM_PACKAGES := strace prometheus nginx-light wrk
+SYSTEM_PACKAGES := strace prometheus nginx-light wrk redis-server
 
 .PHONY: run test test-fast lint system-deps bench clean
 
@@ -21,7 +21,7 @@ run: $(STAMP)
 # Without root or apt-get the tests that need them skip and say why.
 system-deps:
 	@missing=""; \
-	for tool in strace:strace prometheus:prometheus promtool:prometheus nginx:nginx-light wrk:wrk; do \
+	for tool in strace:strace prometheus:prometheus promtool:prometheus nginx:nginx-light wrk:wrk redis-server:redis-server; do \
 	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \

@@ -58,15 +58,21 @@ def config_data(
     *,
     routes: list[dict[str, Any]] | None = None,
     projects: list[dict[str, Any]] | None = None,
+    project: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
     **server: Any,
 ) -> dict[str, Any]:
-    """A config as parsed TOML data; listeners on loopback port 0."""
-    return {
+    """A config as parsed TOML data; listeners on loopback port 0. `project` adds keys to
+    the default project "acme"; `limits` is the [limits] table."""
+    data = {
         "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", **server},
         "upstreams": upstreams,
         "routes": routes or [{"model": "*", "upstreams": [u["name"] for u in upstreams]}],
-        "projects": projects or [{"name": "acme", "key_sha256": [key_sha256]}],
+        "projects": projects or [{"name": "acme", "key_sha256": [key_sha256], **(project or {})}],
     }
+    if limits is not None:
+        data["limits"] = limits
+    return data
 
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]

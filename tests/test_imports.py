@@ -20,6 +20,7 @@ _BELOW_PROXY = _LEAVES | {
     "routing",
     "upstream",
     "streaming",
+    "limits",
 }
 # Module -> the zrproxy modules it may import. Lower layers never import higher ones.
 ALLOWED: dict[str, set[str]] = {
@@ -35,10 +36,12 @@ ALLOWED: dict[str, set[str]] = {
     "usage": set(),
     "auth": {"config", "errors"},
     "routing": {"config", "errors"},
+    "limits": {"config", "errors"},
+    "listener": set(),
     "upstream": {"config", "errors", "headers", "dialects"},
     "streaming": {"usage", "errors"},
     "proxy": _BELOW_PROXY,
-    "app": {"proxy", "upstream", "metrics", "config", "errors"},
+    "app": {"proxy", "upstream", "metrics", "config", "errors", "listener"},
     "workers": {"app", "proxy", "config", "metrics", "errors"},
     "cli": set(MODULES) - {"cli", "__main__", "__init__"},
     "__main__": {"cli"},

@@ -20,12 +20,25 @@ PATHS = [
     "/v1/messages",
     "/v1/models",
 ]
+CLIENT_ERROR_KINDS = {"slow_body", "body_timeout", "slow_read"}
 FIXED_ENUMS = {
     "status_class": set(STATUS_CLASSES),
     "stream": {"true", "false"},
     "type": {"prompt", "completion"},
     "kind": {"connect", "timeout", "status_429", "status_5xx", "reset"},
-    "reason": {"auth", "model", "size", "malformed", "not_found", "method", "draining", "region"},
+    "reason": {
+        "auth",
+        "model",
+        "size",
+        "malformed",
+        "not_found",
+        "method",
+        "draining",
+        "region",
+        "overloaded",
+        "rate_limit",
+    },
+    "backend": {"local", "redis"},
     "le": None,  # histogram buckets: fixed by the code
 }
 
@@ -77,7 +90,11 @@ async def test_series_stay_within_the_config_bound(mock: Mock, start_proxy: Star
                 if label in names:
                     assert value in names[label], (family.name, label, value)
                 else:
-                    allowed = FIXED_ENUMS[label]
+                    allowed = (
+                        CLIENT_ERROR_KINDS
+                        if family.name == "zrproxy_client_errors" and label == "kind"
+                        else FIXED_ENUMS[label]
+                    )
                     assert allowed is None or value in allowed, (family.name, label, value)
     assert series["zrproxy_requests"] > 3  # traffic of several kinds was counted
 
@@ -98,6 +115,9 @@ async def test_series_stay_within_the_config_bound(mock: Mock, start_proxy: Star
         "zrproxy_rejections": len(FIXED_ENUMS["reason"]),  # type: ignore[arg-type]
         "zrproxy_in_flight_requests": 1,
         "zrproxy_open_streams": 1,
+        "zrproxy_client_errors": len(CLIENT_ERROR_KINDS),
+        "zrproxy_limits_backend": len(FIXED_ENUMS["backend"]),  # type: ignore[arg-type]
+        "zrproxy_refused_accepts": 1,
     }
     assert set(series) <= set(bound), set(series) - set(bound)
     for name, count in series.items():

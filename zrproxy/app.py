@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from zrproxy.config import Address, Config
 from zrproxy.errors import StartupError
+from zrproxy.listener import PausableSite, listening_socket
 from zrproxy.metrics import Metrics
 from zrproxy.proxy import Proxy, ServiceState
 from zrproxy.upstream import Upstreams
@@ -88,9 +89,45 @@ class _ContentFreeRequestHandler(RequestHandler):
 
 
 class _ApiServer(web.Server):
-    def __init__(self, *args: Any, on_bad_request: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        on_bad_request: Callable[[], None],
+        max_connections: int,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.on_bad_request = on_bad_request
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self.site: PausableSite | None = None
+        self._resuming: asyncio.Task[None] | None = None
+
+    # At max_connections the listener stops accepting (new connections wait in the
+    # kernel's backlog) and starts again as soon as one closes.
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self.open_connections += 1
+        if self.open_connections >= self.max_connections and self.site is not None:
+            self.site.pause()
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self.open_connections -= 1
+        site = self.site
+        if (
+            site is not None
+            and site.paused
+            and self.open_connections < self.max_connections
+            and self._resuming is None
+        ):
+            self._resuming = asyncio.get_running_loop().create_task(self._resume(site))
+
+    async def _resume(self, site: PausableSite) -> None:
+        try:
+            await site.resume()
+        finally:
+            self._resuming = None
 
     def __call__(self) -> RequestHandler:
         return _ContentFreeRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -117,7 +154,8 @@ class Service:
         self._upstreams: Upstreams | None = None
         self._api_server: _ApiServer | None = None
         self._api_runner: web.ServerRunner | None = None
-        self._api_site: web.TCPSite | None = None
+        self._api_site: PausableSite | None = None
+        self._proxy: Proxy | None = None
         self._admin_runner: web.AppRunner | None = None
         self._trimmer: asyncio.Task[None] | None = None
         self.api_address: Address | None = None
@@ -126,10 +164,11 @@ class Service:
     async def start(self) -> None:
         server = self.config.server
         self._upstreams = Upstreams(self.config)
-        proxy = Proxy(self.config, self._upstreams, self.metrics, self.state)
+        proxy = self._proxy = Proxy(self.config, self._upstreams, self.metrics, self.state)
         self._api_server = _ApiServer(
             proxy.handle,
             on_bad_request=self.metrics.child(self.metrics.rejections, "malformed").inc,
+            max_connections=proxy.limits.max_connections,
             handler_cancellation=True,  # a client that leaves cancels its upstream request
             access_log=None,
             keepalive_timeout=server.keepalive_timeout_s,
@@ -140,13 +179,14 @@ class Service:
         )
         self._api_runner = web.ServerRunner(self._api_server, handle_signals=False)
         await self._api_runner.setup()
-        self._api_site = web.TCPSite(
-            self._api_runner,
-            server.listen.host,
-            server.listen.port,
-            reuse_port=self._reuse_port or None,
-            backlog=1024,
-        )
+        try:
+            sock = listening_socket(
+                server.listen.host, server.listen.port, reuse_port=self._reuse_port, backlog=1024
+            )
+        except OSError as exc:
+            raise StartupError(f"server.listen: cannot listen ({exc.strerror})") from None
+        self._api_site = PausableSite(self._api_runner, sock, backlog=1024)
+        self._api_server.site = self._api_site
         await _bind(self._api_site, "server.listen")
         self.api_address = _bound(self._api_runner)
         if self._with_admin:
@@ -197,6 +237,8 @@ class Service:
             await self._admin_runner.cleanup()
         if self._upstreams is not None:
             await self._upstreams.close()
+        if self._proxy is not None:
+            await self._proxy.limits.projects.close()
         log.info("stopped")
 
 
@@ -206,7 +248,7 @@ async def _wait_for(tasks: set[asyncio.Task[object]], timeout_s: float) -> None:
         await asyncio.wait(list(tasks), timeout=timeout_s)
 
 
-async def _bind(site: web.TCPSite, key: str) -> None:
+async def _bind(site: web.BaseSite, key: str) -> None:
     try:
         await site.start()
     except OSError as exc:

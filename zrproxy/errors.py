@@ -15,9 +15,12 @@ and the only variable parts are names taken from the config (key paths, upstream
         ├── NotFound             404
         ├── MethodNotAllowed     405
         ├── BodyTimeout          408
+        │   └── BodyTooSlow      408  (a gap between body reads past idle_timeout_s)
         ├── BodyTooLarge         413
+        ├── RateLimited          429  (a project's limit; carries Retry-After)
         ├── UpstreamUnavailable  502
         ├── ServiceDraining      503
+        ├── Overloaded           503  (a global cap or the body budget; carries Retry-After)
         ├── NoUpstreamInRegion   503
         └── UpstreamTimeout      504
 """
@@ -36,10 +39,23 @@ ErrorType = Literal[
     "api_error",
     "overloaded_error",
     "timeout_error",
+    "rate_limit_error",
 ]
 RejectReason = Literal[
-    "auth", "model", "size", "malformed", "not_found", "method", "draining", "region", "none"
+    "auth",
+    "model",
+    "size",
+    "malformed",
+    "not_found",
+    "method",
+    "draining",
+    "region",
+    "overloaded",
+    "rate_limit",
+    "none",
 ]
+# Failures blamed on the client (zrproxy_client_errors_total{kind}); "none" for the rest.
+ClientErrorKind = Literal["slow_body", "body_timeout", "slow_read", "none"]
 
 
 class ZrproxyError(Exception):
@@ -68,9 +84,12 @@ class ProxyError(ZrproxyError):
     message: ClassVar[str] = "Internal proxy error."
     # Which rejection counter this bumps; "none" for upstream-side failures.
     reject_reason: ClassVar[RejectReason] = "none"
+    client_error: ClassVar[ClientErrorKind] = "none"
 
-    def __init__(self) -> None:
+    def __init__(self, retry_after_s: int | None = None) -> None:
         super().__init__(self.message)
+        # Sent as Retry-After: a whole number of seconds, never anything from the request.
+        self.retry_after_s = retry_after_s
 
 
 class MalformedJSON(ProxyError):
@@ -135,6 +154,12 @@ class BodyTimeout(ProxyError):
     code = "request_timeout"
     message = "The request body did not arrive in time."
     reject_reason = "malformed"
+    client_error: ClassVar[ClientErrorKind] = "body_timeout"
+
+
+class BodyTooSlow(BodyTimeout):
+    message = "The request body stalled."
+    client_error = "slow_body"
 
 
 class BodyTooLarge(ProxyError):
@@ -143,6 +168,14 @@ class BodyTooLarge(ProxyError):
     code = "request_too_large"
     message = "The request body exceeds the configured size limit."
     reject_reason = "size"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    message = "The project's rate limit was reached; retry after the time in Retry-After."
+    reject_reason = "rate_limit"
 
 
 class UpstreamUnavailable(ProxyError):
@@ -165,6 +198,14 @@ class ServiceDraining(ProxyError):
     code = "draining"
     message = "The proxy is shutting down; retry on another instance."
     reject_reason = "draining"
+
+
+class Overloaded(ProxyError):
+    status = 503
+    error_type = "overloaded_error"
+    code = "overloaded"
+    message = "The proxy is at capacity; retry after the time in Retry-After."
+    reject_reason = "overloaded"
 
 
 class NoUpstreamInRegion(ProxyError):

@@ -30,15 +30,19 @@ from zrproxy.dialects import (
 from zrproxy.errors import (
     BodyTimeout,
     BodyTooLarge,
+    BodyTooSlow,
+    InvalidAuth,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    Overloaded,
     ProxyError,
     ServiceDraining,
     UpstreamFailedMidStream,
     UpstreamTimeout,
 )
 from zrproxy.headers import REQUEST_ID, SSE_HEADERS, client_response_headers, request_id
+from zrproxy.limits import Lease, Limits
 from zrproxy.metrics import NONE, Metrics, status_class
 from zrproxy.routing import Router
 from zrproxy.streaming import relay
@@ -46,6 +50,8 @@ from zrproxy.upstream import Upstreams
 from zrproxy.usage import UsageTap
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Retry-After of a 503 at a global cap: load of this kind clears within seconds.
+_OVERLOAD_RETRY_S = 1
 # Request targets that are our own fixed strings; any other target may carry content.
 _PLAIN_TARGETS = frozenset([*ENDPOINTS, MODELS_PATH])
 
@@ -81,6 +87,10 @@ class _Exchange:
     response: web.StreamResponse | None = None
     is_sse: bool = False
     expired: bool = False  # the total deadline cancelled the handler
+    reading_body: bool = False  # a deadline now is the client's fault, not the upstream's
+    lease: Lease | None = None  # the project's concurrency slot
+    stream_slot: bool = False  # counted in limits.streams
+    body_reserved: int = 0  # bytes held in limits.bodies
 
 
 def _expire(ex: _Exchange, task: asyncio.Task[object]) -> None:
@@ -99,6 +109,8 @@ class Proxy:
         self._max_body = config.server.max_body_bytes
         self._total_timeout = config.server.total_timeout_s
         self._idle_timeout = config.server.idle_timeout_s
+        self._body_timeout = config.server.body_timeout_s
+        self.limits = Limits(config, metrics.set_limits_backend)
         self._auth = Authenticator(config.projects)
         self._router = Router(config)
         self._upstreams = upstreams
@@ -117,12 +129,16 @@ class Proxy:
         )
         ex = _Exchange(loop.time(), request_id(request.headers.get(REQUEST_ID)), dialect)
         task: asyncio.Task[object] = asyncio.current_task(loop)  # type: ignore[assignment]
+        limits = self.limits
+        admitted = limits.in_flight.enter()
         self._state.handlers.add(task)
         self._state.served += 1
         self._metrics.in_flight.inc()
         # One timer per request for total_timeout_s, whatever phase it is in.
         deadline = loop.call_at(ex.started + self._total_timeout, _expire, ex, task)
         try:
+            if not admitted:
+                raise Overloaded(retry_after_s=_OVERLOAD_RETRY_S)
             if endpoint is not None:
                 return await self._proxy(request, endpoint, ex)
             if request.path == MODELS_PATH:
@@ -134,7 +150,8 @@ class Proxy:
             # Our own deadlines cancel the handler too; only a client leaving propagates.
             if ex.expired:
                 task.uncancel()
-                return await self._fail(request, ex, UpstreamTimeout())
+                late = BodyTimeout() if ex.reading_body else UpstreamTimeout()
+                return await self._fail(request, ex, late)
             if not self._state.drain_expired:
                 self._metrics.child(self._metrics.client_aborts, ex.route).inc()
                 raise
@@ -142,6 +159,9 @@ class Proxy:
             return await self._fail(request, ex, ServiceDraining())
         finally:
             deadline.cancel()
+            if admitted:
+                limits.in_flight.leave()
+            self._release(ex)
             self._state.handlers.discard(task)
             self._metrics.in_flight.dec()
             self._record(ex, loop.time())
@@ -159,12 +179,18 @@ class Proxy:
             raise ServiceDraining()
         project = self._auth.authenticate(request.headers)
         ex.project = project.name
-        body = await self._read_body(request)
+        if self.limits.projects.limited(project.name):
+            ex.lease = await self.limits.projects.admit(project.name)
+        body = await self._read_body(request, ex)
         ex.bytes_in = len(body)
         parsed = parse_request(body)
         plan = self._router.plan(project, parsed.model)
         ex.route = plan.route.name
         ex.stream = parsed.stream
+        if parsed.stream:
+            if not self.limits.streams.enter():
+                raise Overloaded(retry_after_s=_OVERLOAD_RETRY_S)
+            ex.stream_slot = True
         # We ask OpenAI-style streams for usage when the client did not, then drop that
         # event on the way back (the tap), so token counts work for every stream.
         ask_usage = endpoint.usage_on_request and parsed.stream and not parsed.client_wants_usage
@@ -176,6 +202,8 @@ class Proxy:
             )
         finally:
             bodies.clear()  # the prompt is upstream now; don't hold it while streaming
+            self.limits.bodies.release(ex.body_reserved)
+            ex.body_reserved = 0
         ex.upstream = upstream.name
         if len(plan.upstreams) > 1 and upstream is not plan.upstreams[0]:
             self._metrics.child(self._metrics.failovers, ex.route).inc()
@@ -220,10 +248,17 @@ class Proxy:
             raise UpstreamTimeout()
         raise UpstreamFailedMidStream()
 
-    async def _read_body(self, request: web.BaseRequest) -> bytes:
+    async def _read_body(self, request: web.BaseRequest, ex: _Exchange) -> bytes:
         length = request.content_length
         if length is not None and length > self._max_body:
             raise BodyTooLarge()
+        budget = self.limits.bodies
+        # A declared length is reserved whole before a byte is read; a chunked body
+        # chunk by chunk. Either way, over budget means 503 before reading more.
+        if length is not None:
+            if not budget.reserve(length):
+                raise Overloaded(retry_after_s=_OVERLOAD_RETRY_S)
+            ex.body_reserved = length
         if request.headers.get("Expect", "").lower() == "100-continue":
             # The low-level server does not answer Expect itself. We do it only now, after
             # auth and the size check, which is the point of 100-continue.
@@ -233,10 +268,13 @@ class Proxy:
         content = request.content
         failure: ProxyError | None = None
         loop = self._loop
-        # A client that stops sending mid-body (or whose chunked framing broke: aiohttp
-        # then never ends the body stream) must not hold a handler forever.
+        # The whole body within body_timeout_s, and no gap between reads longer than
+        # idle_timeout_s (a dribbling client, or chunked framing that broke: aiohttp then
+        # never ends the body stream). Both are the client's fault: 408, never 504.
+        whole_by = loop.time() + self._body_timeout
+        ex.reading_body = True
         try:
-            async with asyncio.timeout(self._idle_timeout) as deadline:
+            async with asyncio.timeout(min(whole_by, loop.time() + self._idle_timeout)) as dl:
                 while True:
                     try:
                         chunk = await content.readany()
@@ -249,10 +287,16 @@ class Proxy:
                     if size > self._max_body:
                         failure = BodyTooLarge()
                         break
+                    if size > ex.body_reserved:
+                        if not budget.reserve(size - ex.body_reserved):
+                            failure = Overloaded(retry_after_s=_OVERLOAD_RETRY_S)
+                            break
+                        ex.body_reserved = size
                     parts.append(chunk)
-                    deadline.reschedule(loop.time() + self._idle_timeout)
+                    dl.reschedule(min(whole_by, loop.time() + self._idle_timeout))
         except TimeoutError:
-            failure = BodyTimeout()
+            failure = BodyTimeout() if loop.time() >= whole_by else BodyTooSlow()
+        ex.reading_body = False
         chunk = b""
         if failure is not None:
             parts.clear()
@@ -272,6 +316,19 @@ class Proxy:
 
     # --- failures and metrics ---------------------------------------------------------------
 
+    def _release(self, ex: _Exchange) -> None:
+        """Give back every limit slot the request holds (idempotent)."""
+        limits = self.limits
+        if ex.body_reserved:
+            limits.bodies.release(ex.body_reserved)
+            ex.body_reserved = 0
+        if ex.stream_slot:
+            limits.streams.leave()
+            ex.stream_slot = False
+        if ex.lease is not None:
+            limits.projects.release(ex.lease)
+            ex.lease = None
+
     def _failed(self, upstream: str, kind: str) -> None:
         self._metrics.child(self._metrics.upstream_errors, upstream, kind).inc()
 
@@ -281,17 +338,28 @@ class Proxy:
         """The one place that turns an error into what the client sees."""
         if error.reject_reason != "none":
             self._metrics.child(self._metrics.rejections, error.reject_reason).inc()
+        if error.client_error != "none":
+            self._metrics.child(self._metrics.client_errors, error.client_error).inc()
         started = ex.response
         if started is None or not started.prepared:
             ex.status = error.status
+            headers = {REQUEST_ID: ex.rid}
+            if error.retry_after_s is not None:
+                headers["Retry-After"] = str(error.retry_after_s)
             response = web.Response(
                 status=error.status,
                 body=error_body(ex.dialect, error),
                 content_type="application/json",
-                headers={REQUEST_ID: ex.rid},
+                headers=headers,
             )
-            if error.status in (408, 413) or error.reject_reason == "draining":
-                response.force_close()  # don't read the rest of a body we refused
+            if (
+                error.status in (408, 413)
+                or error.reject_reason == "draining"
+                or isinstance(error, InvalidAuth | Overloaded)
+            ):
+                # Don't read the rest of a body we refused; after refused credentials or
+                # at a cap, don't keep the connection (or the headers it last carried).
+                response.force_close()
             return response
         # The status line is gone: say it in-band if we can, else cut the connection so
         # the client can't take a truncated body for a whole one.
@@ -320,6 +388,10 @@ class Proxy:
             m.child(m.chunks, ex.route).inc(ex.chunks)
         tap = ex.tap
         if tap is not None:
+            if ex.project != NONE:
+                self.limits.projects.add_tokens(
+                    ex.project, tap.prompt_tokens + tap.completion_tokens
+                )
             if tap.prompt_tokens:
                 m.child(m.tokens, ex.project, ex.route, "prompt").inc(tap.prompt_tokens)
             if tap.completion_tokens:
