@@ -19,10 +19,12 @@ from typing import Any
 import prometheus_client
 import uvloop
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
-from zrproxy.config import Address, Config
+from zrproxy.config import Address, Config, ServerConfig
+from zrproxy.connection import HeadTooLarge, LimitedRequestHandler, handler_limits
 from zrproxy.errors import StartupError
 from zrproxy.listener import PausableSite, listening_socket
 from zrproxy.metrics import Metrics
@@ -39,6 +41,16 @@ _INTERNAL = (
     b'{"error":{"message":"Internal proxy error.","type":"api_error",'
     b'"param":null,"code":"internal_error"}}'
 )
+_HEADERS_TOO_LARGE = (
+    b'{"error":{"message":"The request headers exceed the configured limits.",'
+    b'"type":"invalid_request_error","param":null,"code":"request_header_fields_too_large"}}'
+)
+_URI_TOO_LONG = (
+    b'{"error":{"message":"The request line exceeds the configured limit.",'
+    b'"type":"invalid_request_error","param":null,"code":"uri_too_long"}}'
+)
+# aiohttp's parser error for more than max_headers fields (a fixed text, no input in it).
+_TOO_MANY_HEADERS = "Too many headers received"
 _LINGER_S = 1.0
 _GC_GEN0_THRESHOLD = 50_000
 _TRIM_PERIOD_S = 1.0
@@ -47,7 +59,7 @@ _TRIM_AFTER_REQUESTS = 1000
 _CANCEL_GRACE_S = 2.0
 
 
-class _ContentFreeRequestHandler(RequestHandler):
+class _ContentFreeRequestHandler(LimitedRequestHandler):
     """aiohttp's connection handler, minus everything that could log or echo content.
 
     Its parser errors carry the raw bytes that failed to parse, and it would log them
@@ -69,13 +81,27 @@ class _ContentFreeRequestHandler(RequestHandler):
             exc.__traceback__ = exc.__context__ = None
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
+        if isinstance(exc, HeadTooLarge):
+            status = exc.status
+        elif isinstance(exc, LineTooLong) or (
+            exc is not None and getattr(exc, "message", None) == _TOO_MANY_HEADERS
+        ):
+            status = 431  # a request line too long was refused as 414 before parsing
         if status >= 500:
             log.error("request handling failed (%s)", type(exc).__name__)
         else:
             manager = self._manager
             if isinstance(manager, _ApiServer):
                 manager.on_bad_request()
-        body = _INTERNAL if status >= 500 else _BAD_HTTP
+        body = (
+            _INTERNAL
+            if status >= 500
+            else _HEADERS_TOO_LARGE
+            if status == 431
+            else _URI_TOO_LONG
+            if status == 414
+            else _BAD_HTTP
+        )
         response = web.Response(status=status, body=body, content_type="application/json")
         response.force_close()
         return response
@@ -94,9 +120,11 @@ class _ApiServer(web.Server):
         *args: Any,
         on_bad_request: Callable[[], None],
         max_connections: int,
+        server_config: ServerConfig,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.server_config = server_config
         self.on_bad_request = on_bad_request
         self.max_connections = max_connections
         self.open_connections = 0
@@ -130,7 +158,9 @@ class _ApiServer(web.Server):
             self._resuming = None
 
     def __call__(self) -> RequestHandler:
-        return _ContentFreeRequestHandler(self, loop=self._loop, **self._kwargs)
+        return _ContentFreeRequestHandler(
+            self, loop=self._loop, server_config=self.server_config, **self._kwargs
+        )
 
 
 class Service:
@@ -169,6 +199,8 @@ class Service:
             proxy.handle,
             on_bad_request=self.metrics.child(self.metrics.rejections, "malformed").inc,
             max_connections=proxy.limits.max_connections,
+            server_config=server,
+            **handler_limits(server),
             handler_cancellation=True,  # a client that leaves cancels its upstream request
             access_log=None,
             keepalive_timeout=server.keepalive_timeout_s,
