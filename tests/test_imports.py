@@ -38,7 +38,7 @@ ALLOWED: dict[str, set[str]] = {
     "routing": {"config", "errors"},
     "limits": {"config", "errors"},
     "listener": set(),
-    "connection": {"config"},
+    "connection": {"config", "errors"},
     "upstream": {"config", "errors", "headers", "dialects"},
     "streaming": {"usage", "errors"},
     "proxy": _BELOW_PROXY,

@@ -24,7 +24,12 @@ from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
 from zrproxy.config import Address, Config, ServerConfig
-from zrproxy.connection import HeadTooLarge, LimitedRequestHandler, handler_limits
+from zrproxy.connection import (
+    HeadTooLarge,
+    LimitedRequestHandler,
+    check_http_parser,
+    handler_limits,
+)
 from zrproxy.errors import StartupError
 from zrproxy.listener import PausableSite, listening_socket
 from zrproxy.metrics import Metrics
@@ -192,6 +197,7 @@ class Service:
         self.admin_address: Address | None = None
 
     async def start(self) -> None:
+        check_http_parser()
         server = self.config.server
         self._upstreams = Upstreams(self.config)
         proxy = self._proxy = Proxy(self.config, self._upstreams, self.metrics, self.state)

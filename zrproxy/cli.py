@@ -23,6 +23,7 @@ from zrproxy.config import (
     parse_address,
     process_environment,
 )
+from zrproxy.connection import check_http_parser
 from zrproxy.errors import ConfigError, StartupError
 from zrproxy.workers import Supervisor
 
@@ -120,6 +121,7 @@ def _with(config: Config, changes: dict[str, Any]) -> Config:
 
 
 def _serve(args: argparse.Namespace, argv: list[str]) -> int:
+    check_http_parser()
     environ = process_environment()
     # Every mistake is reported before the process changes anything about itself.
     changes = _server_overrides(args)

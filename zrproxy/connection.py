@@ -26,9 +26,12 @@ idle with nothing buffered, its parser is replaced by a fresh one.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
+import aiohttp.http_parser
 from aiohttp import web
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.http import HttpRequestParser
@@ -42,6 +45,7 @@ from aiohttp.web_protocol import (
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from zrproxy.config import ServerConfig
+from zrproxy.errors import StartupError
 
 _HEAD_END = b"\r\n\r\n"
 _HEADER_TIMEOUT_BODY = (
@@ -60,6 +64,34 @@ class HeadTooLarge(Exception):
     def __init__(self, status: int) -> None:
         super().__init__("request head over a limit")
         self.status = status
+
+
+# The oldest aiohttp whose parser and connection handler this module was checked against
+# (pyproject.toml pins the same).
+AIOHTTP_MIN = (3, 14)
+
+
+def check_http_parser(
+    version: str = aiohttp.__version__,
+    parser: type = aiohttp.http_parser.HttpRequestParser,
+) -> None:
+    """Refuse to serve on aiohttp's pure-Python parser or an aiohttp older than the pin.
+
+    The corpus and differential tests ran against aiohttp's C parser (llhttp); the
+    Python one frames some requests differently. aiohttp falls back to it when
+    AIOHTTP_NO_EXTENSIONS is set or its C extension is missing.
+    """
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found < AIOHTTP_MIN:
+        raise StartupError(
+            f"aiohttp {version} is older than {'.'.join(map(str, AIOHTTP_MIN))}, "
+            "the oldest this proxy was checked against"
+        )
+    if parser is aiohttp.http_parser.HttpRequestParserPy:
+        raise StartupError(
+            "aiohttp runs its pure-Python HTTP parser (AIOHTTP_NO_EXTENSIONS is set or its "
+            "C extension is missing); zrproxy serves only on the C parser (llhttp)"
+        )
 
 
 def handler_limits(server: ServerConfig) -> dict[str, Any]:
