@@ -71,6 +71,9 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "zrproxy_rejections_total": ("counter", frozenset({"reason"})),
     "zrproxy_in_flight_requests": ("gauge", frozenset()),
     "zrproxy_open_streams": ("gauge", frozenset()),
+    "zrproxy_client_errors_total": ("counter", frozenset({"kind"})),
+    "zrproxy_limits_backend": ("gauge", frozenset({"backend"})),
+    "zrproxy_refused_accepts_total": ("counter", frozenset()),
 }
 # Closed label value sets from the spec (1xx: zrproxy.metrics.STATUS_CLASSES has it too).
 LABEL_ENUMS = {

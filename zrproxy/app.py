@@ -31,7 +31,7 @@ from zrproxy.connection import (
     handler_limits,
 )
 from zrproxy.errors import StartupError
-from zrproxy.listener import PausableSite, listening_socket
+from zrproxy.listener import AcceptErrors, PausableSite, fd_connection_cap, listening_socket
 from zrproxy.metrics import Metrics
 from zrproxy.proxy import Proxy, ServiceState
 from zrproxy.upstream import Upstreams
@@ -191,6 +191,8 @@ class Service:
         self._api_runner: web.ServerRunner | None = None
         self._api_site: PausableSite | None = None
         self._proxy: Proxy | None = None
+        self._previous_handler: Any = None
+        self._restarting: asyncio.Task[None] | None = None
         self._admin_runner: web.AppRunner | None = None
         self._trimmer: asyncio.Task[None] | None = None
         self.api_address: Address | None = None
@@ -201,10 +203,23 @@ class Service:
         server = self.config.server
         self._upstreams = Upstreams(self.config)
         proxy = self._proxy = Proxy(self.config, self._upstreams, self.metrics, self.state)
+        max_connections = proxy.limits.max_connections
+        fd_cap = fd_connection_cap()
+        if fd_cap < max_connections:
+            log.warning(
+                "server.max_connections: %d per process do not fit the file-descriptor "
+                "limit (two per proxied request); accepting at most %d",
+                max_connections,
+                fd_cap,
+            )
+            max_connections = fd_cap
+        loop = asyncio.get_running_loop()
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(AcceptErrors(self._accept_refused, self._previous_handler))
         self._api_server = _ApiServer(
             proxy.handle,
             on_bad_request=self.metrics.child(self.metrics.rejections, "malformed").inc,
-            max_connections=proxy.limits.max_connections,
+            max_connections=max_connections,
             server_config=server,
             **handler_limits(server),
             handler_cancellation=True,  # a client that leaves cancels its upstream request
@@ -246,6 +261,18 @@ class Service:
                 "zrproxy ready: api=http://%s admin=http://%s", self.api_address, self.admin_address
             )
 
+    def _accept_refused(self, listener_closed: bool) -> None:
+        self.metrics.refused_accepts.inc()
+        site = self._api_site
+        if listener_closed and site is not None and self._restarting is None:
+            self._restarting = asyncio.get_running_loop().create_task(self._restart(site))
+
+    async def _restart(self, site: PausableSite) -> None:
+        try:
+            await site.restart(after_s=1.0)
+        finally:
+            self._restarting = None
+
     async def drain(self) -> None:
         """Stop taking connections, let streams finish until the deadline, then end them."""
         state = self.state
@@ -277,6 +304,7 @@ class Service:
             await self._upstreams.close()
         if self._proxy is not None:
             await self._proxy.limits.projects.close()
+            asyncio.get_running_loop().set_exception_handler(self._previous_handler)
         log.info("stopped")
 
 

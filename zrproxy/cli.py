@@ -140,6 +140,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
 def _harden(mlock: bool) -> None:
     """Process hardening, in the parent and again in every worker process."""
     hardening.disable_core_dumps()
+    log.info("file descriptors: limit %d per process", hardening.raise_fd_limit())
     if mlock:
         hardening.lock_memory()
     elif hardening.swap_enabled():

@@ -38,6 +38,7 @@ __all__ = [
     "disable_core_dumps",
     "is_scrubbed",
     "lock_memory",
+    "raise_fd_limit",
     "reexec_scrubbed",
     "scrub_environment",
     "swap_enabled",
@@ -209,3 +210,19 @@ def reexec_scrubbed(argv: list[str], env: Mapping[str, str]) -> NoReturn:
         if stream is not None:
             stream.flush()
     os.execve(sys.executable, [sys.executable, "-m", "zrproxy", *argv], scrub_environment(env))
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit in force.
+
+    Every client connection and every upstream connection is a file descriptor, and
+    the common default soft limit of 1,024 made the proxy go dark at about 500 streams.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+        soft = hard
+    return soft

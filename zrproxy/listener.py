@@ -11,9 +11,18 @@ standard loop alike.
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import os
+import resource
 import socket
+import time
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
+
+log = logging.getLogger("zrproxy")
 
 
 def listening_socket(host: str, port: int, *, reuse_port: bool, backlog: int) -> socket.socket:
@@ -84,8 +93,82 @@ class PausableSite(web.BaseSite):
         self._paused = False
         await self._serve()
 
+    async def restart(self, after_s: float) -> None:
+        """Accept again on a fresh duplicate after the loop closed its server."""
+        if self._paused:
+            return
+        self._paused = True
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        await asyncio.sleep(after_s)
+        await self.resume()
+
     async def stop(self) -> None:
         await super().stop()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+# Descriptors kept free for the admin listener, logging, DNS and the like.
+_FD_RESERVE = 64
+# accept() errors that mean "out of descriptors or buffers", not a broken listener.
+_ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_REPORT_EVERY_S = 10.0
+
+
+def fd_connection_cap() -> int:
+    """How many client connections fit in the file-descriptor limit: each proxied
+    request also holds an upstream connection, and a reserve stays free."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    return max(1, (soft - in_use - _FD_RESERVE) // 2)
+
+
+class AcceptErrors:
+    """An event-loop exception handler that counts refused accepts (out of descriptors)
+    and logs them at most once per `_REPORT_EVERY_S`; anything else goes to the handler
+    that was in place.
+
+    The standard loop reports them as "socket.accept() out of system resource" and
+    retries a second later. uvloop (libuv) mostly closes such connections itself without
+    telling anyone; when its listen callback does report one, uvloop closes the listening
+    handle, so `on_refused(listener_closed=True)` lets the caller start accepting again.
+    """
+
+    def __init__(
+        self,
+        on_refused: Callable[[bool], None],
+        previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None,
+    ) -> None:
+        self._on_refused = on_refused
+        self._previous = previous
+        self._unreported = 0
+        self._next_report = 0.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        message = str(context.get("message", ""))
+        if isinstance(exc, OSError) and exc.errno in _ACCEPT_ERRNOS:
+            if "accept" in message or "listen" in message:
+                self._refused(exc.errno, listener_closed="listen" in message)
+                return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def _refused(self, code: int, listener_closed: bool) -> None:
+        self._unreported += 1
+        self._on_refused(listener_closed)
+        now = time.monotonic()
+        if now >= self._next_report:
+            log.warning(
+                "API listener: %d connections not accepted (%s: out of file descriptors or "
+                "buffers); see zrproxy_refused_accepts_total",
+                self._unreported,
+                errno.errorcode.get(code, str(code)),
+            )
+            self._unreported = 0
+            self._next_report = now + _REPORT_EVERY_S
