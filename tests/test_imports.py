@@ -43,7 +43,7 @@ ALLOWED: dict[str, set[str]] = {
     "streaming": {"usage", "errors"},
     "proxy": _BELOW_PROXY,
     "app": {"proxy", "upstream", "metrics", "config", "errors", "listener", "connection"},
-    "workers": {"app", "proxy", "config", "metrics", "errors"},
+    "workers": {"app", "proxy", "config", "metrics", "errors", "hardening"},
     "cli": set(MODULES) - {"cli", "__main__", "__init__"},
     "__main__": {"cli"},
 }

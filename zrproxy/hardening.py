@@ -35,6 +35,7 @@ from typing import NoReturn
 
 __all__ = [
     "HardeningError",
+    "die_with_parent",
     "disable_core_dumps",
     "is_scrubbed",
     "lock_memory",
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 # <linux/prctl.h>, <sys/mman.h>
+_PR_SET_PDEATHSIG = 1
 _PR_GET_DUMPABLE = 3
 _PR_SET_DUMPABLE = 4
 _MCL_CURRENT = 1
@@ -226,3 +228,16 @@ def raise_fd_limit() -> int:
             return soft
         soft = hard
     return soft
+
+
+def die_with_parent(sig: int, parent_pid: int) -> None:
+    """Have the kernel send `sig` to this process when its parent dies.
+
+    If the parent is already gone (it died before this call), exit now: the signal
+    would never come.
+    """
+    if _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise HardeningError(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(code)}")
+    if os.getppid() != parent_pid:
+        os._exit(0)

@@ -34,6 +34,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client import multiprocess as prometheus_multiprocess
 
+from zrproxy import hardening
 from zrproxy.app import Service, admin_app, run_loop, settle_heap, stop_requested
 from zrproxy.config import Address, Config, export_metrics_dir
 from zrproxy.errors import StartupError
@@ -47,9 +48,15 @@ _START_TIMEOUT_S = 60.0
 
 
 def _worker_main(
-    config: Config, ready: multiprocessing.synchronize.Event, harden: Callable[[], None]
+    config: Config,
+    ready: multiprocessing.synchronize.Event,
+    harden: Callable[[], None],
+    parent_pid: int,
 ) -> None:
     """A worker process: the ordinary Service with the shared port and no admin listener."""
+    # A worker never outlives the parent: if it dies (even by SIGKILL), the kernel sends
+    # SIGTERM, and the worker drains and exits like on an ordinary stop.
+    hardening.die_with_parent(signal.SIGTERM, parent_pid)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -128,7 +135,9 @@ class Supervisor:
     def _spawn(self) -> tuple[BaseProcess, multiprocessing.synchronize.Event]:
         ready = self._context.Event()
         process = self._context.Process(
-            target=_worker_main, args=(self.config, ready, self._harden), daemon=False
+            target=_worker_main,
+            args=(self.config, ready, self._harden, os.getpid()),
+            daemon=False,
         )
         process.start()
         return process, ready

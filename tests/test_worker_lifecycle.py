@@ -1,0 +1,56 @@
+"""Workers never outlive their parent: SIGKILL the parent, and the workers go and the
+port is free."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from tests.conftest import config_data
+from tests.processes import mock_process, proxy_process
+from tests.test_workers import _children
+from zrproxy.auth import new_key
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _wait_until(predicate, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_workers_die_with_a_sigkilled_parent_and_free_the_port(tmp_path: Path) -> None:
+    _, digest = new_key()
+    with mock_process() as mock:
+        config = config_data([{"name": "m", "kind": "openai", "base_url": mock.url}], digest)
+        with proxy_process(config, tmp_path, "--workers", "2") as proxy:
+            workers = _children(proxy.process.pid)
+            assert len(workers) == 2, workers
+            port = int(proxy.url.rsplit(":", 1)[1])
+            assert not _port_free(port)
+            os.kill(proxy.process.pid, signal.SIGKILL)
+            proxy.process.wait(10)
+            assert _wait_until(lambda: not any(_alive(pid) for pid in workers), 30), workers
+            assert _wait_until(lambda: _port_free(port), 10)
