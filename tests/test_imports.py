@@ -39,6 +39,7 @@ ALLOWED: dict[str, set[str]] = {
     "limits": {"config", "errors"},
     "listener": set(),
     "connection": {"config", "errors"},
+    "reload": {"config", "errors"},
     "upstream": {"config", "errors", "headers", "dialects"},
     "streaming": {"usage", "errors"},
     "proxy": _BELOW_PROXY,

@@ -193,6 +193,7 @@ class Service:
         self._proxy: Proxy | None = None
         self._previous_handler: Any = None
         self._restarting: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         self._admin_runner: web.AppRunner | None = None
         self._trimmer: asyncio.Task[None] | None = None
         self.api_address: Address | None = None
@@ -217,7 +218,7 @@ class Service:
         self._previous_handler = loop.get_exception_handler()
         loop.set_exception_handler(AcceptErrors(self._accept_refused, self._previous_handler))
         self._api_server = _ApiServer(
-            proxy.handle,
+            self._handle,
             on_bad_request=self.metrics.child(self.metrics.rejections, "malformed").inc,
             max_connections=max_connections,
             server_config=server,
@@ -261,6 +262,33 @@ class Service:
                 "zrproxy ready: api=http://%s admin=http://%s", self.api_address, self.admin_address
             )
 
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        # Read per request, so a reload applies to new requests on open connections too.
+        assert self._proxy is not None
+        return await self._proxy.handle(request)
+
+    async def reload(self, config: Config) -> None:
+        """Serve new requests with `config`; requests in flight finish on the old one."""
+        old_proxy, old_upstreams = self._proxy, self._upstreams
+        self._upstreams = Upstreams(config)
+        self._proxy = Proxy(config, self._upstreams, self.metrics, self.state)
+        self.config = config
+        server = config.server
+        api = self._api_server
+        if api is not None:  # for connections accepted from now on
+            api.server_config = server
+            api.max_connections = min(self._proxy.limits.max_connections, fd_connection_cap())
+            api._kwargs.update(
+                keepalive_timeout=server.keepalive_timeout_s, **handler_limits(server)
+            )
+        if old_proxy is not None and old_upstreams is not None:
+            # Every request in flight now was taken by the old config.
+            in_flight = set(self.state.handlers)
+            retire = _retire(old_proxy, old_upstreams, in_flight)
+            task = asyncio.get_running_loop().create_task(retire)
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
     def _accept_refused(self, listener_closed: bool) -> None:
         self.metrics.refused_accepts.inc()
         site = self._api_site
@@ -292,6 +320,8 @@ class Service:
         log.info("drained")
 
     async def stop(self) -> None:
+        if self._retiring:
+            await asyncio.wait(list(self._retiring), timeout=_CANCEL_GRACE_S)
         if self._trimmer is not None:
             self._trimmer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -306,6 +336,14 @@ class Service:
             await self._proxy.limits.projects.close()
             asyncio.get_running_loop().set_exception_handler(self._previous_handler)
         log.info("stopped")
+
+
+async def _retire(proxy: Proxy, upstreams: Upstreams, in_flight: set[asyncio.Task[object]]) -> None:
+    """Once the requests a replaced config took have finished, close what it held."""
+    if in_flight:
+        await asyncio.wait(in_flight)
+    await upstreams.close()
+    await proxy.limits.projects.close()
 
 
 async def _wait_for(tasks: set[asyncio.Task[object]], timeout_s: float) -> None:

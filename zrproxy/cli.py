@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import functools
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +27,7 @@ from zrproxy.config import (
 )
 from zrproxy.connection import check_http_parser
 from zrproxy.errors import ConfigError, StartupError
+from zrproxy.reload import reload_on_sighup
 from zrproxy.workers import Supervisor
 
 log = logging.getLogger("zrproxy")
@@ -133,7 +136,12 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     harden = functools.partial(_harden, config is not None and config.server.mlock)
     harden()
     if config is not None:
-        return run_loop(lambda: _serve_config(config, harden), scrub)
+        path = args.config
+
+        def load() -> Config:
+            return _with(load_config(path), changes)
+
+        return run_loop(lambda: _serve_config(config, harden, load=load), scrub)
     return run_loop(lambda: _serve_embedded(changes, harden), scrub)
 
 
@@ -148,13 +156,22 @@ def _harden(mlock: bool) -> None:
 
 
 async def _serve_config(
-    config: Config, harden: Callable[[], None], banner: Callable[[str], None] | None = None
+    config: Config,
+    harden: Callable[[], None],
+    banner: Callable[[str], None] | None = None,
+    load: Callable[[], Config] | None = None,
 ) -> int:
     stop = stop_requested()
+    if load is None:  # the embedded demo config has no file to read again
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: log.info("SIGHUP: no config file to reload")
+        )
     if config.server.workers > 1:
         supervisor = Supervisor(config, harden)
         try:
             await supervisor.start()
+            if load is not None:
+                reload_on_sighup(lambda: supervisor.configured, load, supervisor.reload)
             if banner is not None:
                 banner(f"http://{supervisor.api_address}")
             await supervisor.supervise(stop)
@@ -166,6 +183,8 @@ async def _serve_config(
     try:
         await service.start()
         settle_heap()
+        if load is not None:
+            reload_on_sighup(lambda: service.config, load, service.reload)
         if banner is not None:
             banner(f"http://{service.api_address}")
         await stop.wait()

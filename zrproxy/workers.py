@@ -82,6 +82,7 @@ class Supervisor:
 
     def __init__(self, config: Config, harden: Callable[[], None]) -> None:
         self.config = config
+        self.configured = config  # as given (self.config has the resolved port)
         self._harden = harden
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[tuple[BaseProcess, multiprocessing.synchronize.Event]] = []
@@ -116,14 +117,7 @@ class Supervisor:
             raise StartupError(f"server.admin_listen: cannot listen ({exc.strerror})") from None
         host, port = self._admin_runner.addresses[0][:2]
         self.admin_address = Address(host, port)
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + _START_TIMEOUT_S
-        while not all(ready.is_set() for _, ready in self._workers):
-            await asyncio.sleep(0.05)
-            if any(not p.is_alive() for p, _ in self._workers):
-                raise StartupError("a worker process exited during start-up")
-            if loop.time() > give_up:
-                raise StartupError("workers did not become ready in time")
+        await _until_ready(self._workers)
         self._state.ready = True
         log.info(
             "zrproxy ready: api=http://%s admin=http://%s workers=%d",
@@ -131,6 +125,38 @@ class Supervisor:
             self.admin_address,
             len(self._workers),
         )
+
+    async def reload(self, config: Config) -> None:
+        """New workers on `config` join the port; once they are ready the old ones drain
+        (they stop accepting and finish their requests) and exit."""
+        assert self.api_address is not None
+        server = replace(config.server, listen=self.api_address)
+        fresh_config = replace(config, server=server)
+        previous = self.config
+        self.config = fresh_config
+        fresh = [self._spawn() for _ in range(server.workers)]
+        try:
+            await _until_ready(fresh)
+        except StartupError as exc:
+            log.error("config reload: new workers did not start (%s); the old ones serve on", exc)
+            for process, _ in fresh:
+                process.kill()
+                process.join(timeout=5)
+            self.config = previous
+            return
+        old, self._workers = self._workers, fresh
+        self.configured = config
+        for process, _ in old:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        patience = previous.server.drain_timeout_s + 5.0
+        await asyncio.gather(*(asyncio.to_thread(p.join, patience) for p, _ in old))
+        for process, _ in old:
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=1)
+            if process.pid is not None:
+                prometheus_multiprocess.mark_process_dead(process.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
 
     def _spawn(self) -> tuple[BaseProcess, multiprocessing.synchronize.Event]:
         ready = self._context.Event()
@@ -182,6 +208,19 @@ class Supervisor:
         if self._metrics_dir:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         log.info("stopped")
+
+
+async def _until_ready(
+    workers: list[tuple[BaseProcess, multiprocessing.synchronize.Event]],
+) -> None:
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + _START_TIMEOUT_S
+    while not all(ready.is_set() for _, ready in workers):
+        await asyncio.sleep(0.05)
+        if any(not p.is_alive() for p, _ in workers):
+            raise StartupError("a worker process exited during start-up")
+        if loop.time() > give_up:
+            raise StartupError("workers did not become ready in time")
 
 
 def _reserve_port(listen: Address) -> socket.socket:
