@@ -98,6 +98,9 @@ def zrproxy_config(mock: Server, key_sha256: str) -> str:
         "[server]\n"
         f'listen = "127.0.0.1:{free_port()}"\n'
         f'admin_listen = "127.0.0.1:{free_port()}"\n'
+        # The benchmark holds up to 10,000 streams: above the default admission caps,
+        # which are sized for a 512 MiB pod.
+        "max_connections = 20000\nmax_in_flight = 20000\nmax_streams = 20000\n"
         "[[upstreams]]\n"
         'name = "mock"\nkind = "openai"\n'
         f'base_url = "http://{mock.host}:{mock.port}/v1"\n'

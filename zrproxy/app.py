@@ -23,6 +23,7 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
+from zrproxy.admin import AdminListener
 from zrproxy.config import Address, Config, ServerConfig
 from zrproxy.connection import (
     HeadTooLarge,
@@ -194,7 +195,7 @@ class Service:
         self._previous_handler: Any = None
         self._restarting: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
-        self._admin_runner: web.AppRunner | None = None
+        self._admin: AdminListener | None = None
         self._trimmer: asyncio.Task[None] | None = None
         self.api_address: Address | None = None
         self.admin_address: Address | None = None
@@ -244,15 +245,12 @@ class Service:
         await _bind(self._api_site, "server.listen")
         self.api_address = _bound(self._api_runner)
         if self._with_admin:
-            self._admin_runner = web.AppRunner(
-                admin_app(self.state, self._exposition), access_log=None, handle_signals=False
+            # On its own thread and loop: API load must not make a busy pod look dead.
+            self._admin = AdminListener(
+                admin_app(self.state, self._exposition), server.admin_listen, "server.admin_listen"
             )
-            await self._admin_runner.setup()
-            site = web.TCPSite(
-                self._admin_runner, server.admin_listen.host, server.admin_listen.port
-            )
-            await _bind(site, "server.admin_listen")
-            self.admin_address = _bound(self._admin_runner)
+            await self._admin.start()
+            self.admin_address = self._admin.address
         self._trimmer = asyncio.create_task(trim_heap_when_idle(self.state))
         self.state.ready = True
         if self.admin_address is None:
@@ -328,8 +326,8 @@ class Service:
                 await self._trimmer
         if self._api_runner is not None:
             await self._api_runner.cleanup()
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
+        if self._admin is not None:
+            await self._admin.stop()
         if self._upstreams is not None:
             await self._upstreams.close()
         if self._proxy is not None:
