@@ -119,3 +119,54 @@ async def metric(proxy: RunningProxy, name: str, **labels: str) -> float:
         for sample in family.samples
         if sample.name == name and labels.items() <= sample.labels.items()
     )
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # names lower-cased
+    body: bytes  # de-chunked
+    complete: bool  # the terminating chunk (or the whole Content-Length) arrived
+
+
+async def raw_post(url: str, path: str, body: bytes, headers: dict[str, str]) -> RawResponse:
+    """POST on a raw socket and read the response as sent: unlike aiohttp's client, which
+    drops bytes that arrive together with a cut, this keeps every byte before the cut and
+    says whether the body was ended properly."""
+    import asyncio
+
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    writer.write(head.encode() + b"\r\n" + body)
+    try:
+        raw_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+        lines = raw_head.decode("latin-1").split("\r\n")
+        fields = {
+            k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:-2])
+        }
+        status = int(lines[0].split()[1])
+        parts: list[bytes] = []
+        complete = False
+        try:
+            if fields.get("transfer-encoding", "").lower() == "chunked":
+                while True:
+                    size = int(
+                        (await asyncio.wait_for(reader.readuntil(b"\r\n"), 60)).split(b";")[0], 16
+                    )
+                    if size == 0:
+                        await reader.readuntil(b"\r\n")
+                        complete = True
+                        break
+                    parts.append((await asyncio.wait_for(reader.readexactly(size + 2), 60))[:-2])
+            else:
+                length = int(fields.get("content-length", "0"))
+                parts.append(await asyncio.wait_for(reader.readexactly(length), 60))
+                complete = True
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
+                parts.append(exc.partial)
+        return RawResponse(status, fields, b"".join(parts), complete)
+    finally:
+        writer.close()

@@ -361,14 +361,16 @@ class Proxy:
                 # at a cap, don't keep the connection (or the headers it last carried).
                 response.force_close()
             return response
-        # The status line is gone: say it in-band if we can, else cut the connection so
-        # the client can't take a truncated body for a whole one.
+        # The status line is gone: say it in-band if we can, then cut the connection
+        # without the terminating chunk, so HTTP clients, load balancers and access logs
+        # see a truncated transfer, never a whole one. Counted as failed.
+        ex.status = error.status
         if ex.is_sse:
             try:
                 await started.write(sse_error_event(ex.dialect, error))
             except ConnectionError:
                 pass
-        elif request.transport is not None:
+        if request.transport is not None:
             request.transport.close()
         return started
 
