@@ -1,5 +1,5 @@
-"""Workers never outlive their parent: SIGKILL the parent, and the workers go and the
-port is free."""
+"""Workers never outlive their parent: SIGKILL the parent, and the workers go, the port is
+free and the metrics directory on /dev/shm is removed."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.conftest import config_data
 from tests.processes import mock_process, proxy_process
-from tests.test_workers import _children
+from tests.test_workers import _children, _metrics_dir
 from zrproxy.auth import new_key
 
 
@@ -49,8 +49,12 @@ def test_workers_die_with_a_sigkilled_parent_and_free_the_port(tmp_path: Path) -
             workers = _children(proxy.process.pid)
             assert len(workers) == 2, workers
             port = int(proxy.url.rsplit(":", 1)[1])
+            metrics = _metrics_dir(next(iter(workers)))
+            assert metrics.is_dir()
             assert not _port_free(port)
             os.kill(proxy.process.pid, signal.SIGKILL)
             proxy.process.wait(10)
             assert _wait_until(lambda: not any(_alive(pid) for pid in workers), 30), workers
             assert _wait_until(lambda: _port_free(port), 10)
+            # The parent had no chance to remove its /dev/shm metrics directory: a worker did.
+            assert _wait_until(lambda: not metrics.exists(), 10)

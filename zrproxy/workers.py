@@ -52,6 +52,7 @@ def _worker_main(
     ready: multiprocessing.synchronize.Event,
     harden: Callable[[], None],
     parent_pid: int,
+    metrics_dir: str,
 ) -> None:
     """A worker process: the ordinary Service with the shared port and no admin listener."""
     # A worker never outlives the parent: if it dies (even by SIGKILL), the kernel sends
@@ -74,7 +75,14 @@ def _worker_main(
             await service.stop()
         return 0
 
-    raise SystemExit(run_loop(serve, config.server.scrub_memory))
+    try:
+        code = run_loop(serve, config.server.scrub_memory)
+    finally:
+        if os.getppid() != parent_pid:
+            # The parent died without its cleanup: whichever worker ends first removes the
+            # metrics directory (the others' mapped files stay valid until they exit).
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    raise SystemExit(code)
 
 
 class Supervisor:
@@ -162,7 +170,7 @@ class Supervisor:
         ready = self._context.Event()
         process = self._context.Process(
             target=_worker_main,
-            args=(self.config, ready, self._harden, os.getpid()),
+            args=(self.config, ready, self._harden, os.getpid(), self._metrics_dir),
             daemon=False,
         )
         process.start()
