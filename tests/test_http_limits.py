@@ -172,3 +172,33 @@ async def test_no_header_value_stays_alive_on_an_idle_keepalive_connection(
     assert (await _response(reader))[0] == 200
     writer.close()
     writer2.close()
+
+
+async def test_a_slow_pipelined_head_waits_for_the_response_before_it(
+    mock: Mock, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(_upstreams(mock), header_timeout_s=0.3, keepalive_timeout_s=60.0)
+    stream = orjson.dumps(
+        {"model": "mock-n10-d100", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    )
+    first = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {proxy.key}\r\n"
+        f"Content-Length: {len(stream)}\r\n\r\n"
+    ).encode() + stream
+    reader, writer = await _connect(proxy)
+    writer.write(first)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # half a head
+    body = b""
+    while True:  # the whole stream (1 s, longer than header_timeout_s), intact
+        size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 30)).split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            break
+        body += (await reader.readexactly(size + 2))[:-2]
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert b"408" not in body
+    status, _, _ = await _response(reader)  # then the slow head's own deadline
+    assert status == 408
+    writer.close()

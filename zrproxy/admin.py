@@ -35,6 +35,7 @@ class AdminListener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
+        self._stopping: asyncio.Event | None = None
         self.address: Address | None = None
 
     async def start(self) -> None:
@@ -51,34 +52,36 @@ class AdminListener:
         assert loop is not None
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(self._serve(bound))
+            loop.run_until_complete(self._main(bound))
         except BaseException as exc:  # reported through the future, never lost
             if not bound.done():
                 bound.set_exception(exc)
-            return
-        loop.run_forever()
-        loop.run_until_complete(self._cleanup())
-        loop.close()
+        finally:
+            loop.close()
 
-    async def _serve(self, bound: concurrent.futures.Future[Address]) -> None:
+    async def _main(self, bound: concurrent.futures.Future[Address]) -> None:
+        # Created on this thread's loop before anyone can ask it to stop.
+        self._stopping = asyncio.Event()
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._listen.host, self._listen.port)
         try:
-            await site.start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            raise StartupError(f"{self._key}: cannot listen ({exc.strerror})") from None
-        host, port = self._runner.addresses[0][:2]
-        bound.set_result(Address(host, port))
-
-    async def _cleanup(self) -> None:
-        if self._runner is not None:
+            site = web.TCPSite(self._runner, self._listen.host, self._listen.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise StartupError(f"{self._key}: cannot listen ({exc.strerror})") from None
+            host, port = self._runner.addresses[0][:2]
+            bound.set_result(Address(host, port))
+            await self._stopping.wait()
+        finally:
             await self._runner.cleanup()
 
     async def stop(self) -> None:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None or not thread.is_alive():
             return
-        loop.call_soon_threadsafe(loop.stop)
+        stopping = self._stopping
+        if stopping is None:
+            return
+        loop.call_soon_threadsafe(stopping.set)
         await asyncio.to_thread(thread.join, 10)

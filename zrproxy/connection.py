@@ -11,7 +11,10 @@ that clock is not the keep-alive one (`keepalive_timeout_s`, idle between reques
 # Strategy
 We see the bytes before aiohttp's parser does (`data_received`) while a head is being
 read, so an oversized head is refused before the parser buffers it. The end of a head is
-found with one `find(b"\\r\\n\\r\\n")` per read; body bytes are never scanned. A refusal
+found with one `find(b"\\r\\n\\r\\n")` per read; body bytes are never scanned. Bytes of a
+pipelined head that arrive in the same read as the end of the request before it are not
+measured (the parser's per-field and field-count limits still hold), and such a head is
+then timed by the keep-alive timeout. A refusal
 is queued like one of aiohttp's parser errors (`_ErrInfo`), so the one error path of
 aiohttp (our `handle_error`) answers it.
 
@@ -173,6 +176,11 @@ class LimitedRequestHandler(RequestHandler):
         self._head_timer = None
         transport = self.transport
         if transport is None or not self._in_head:
+            return
+        if self._request_in_progress:
+            # A pipelined head behind a response still being sent: its clock starts when
+            # that response is done (a 408 now would land inside it).
+            self._arm_head_timer()
             return
         if self._head_bytes or self._request_count:
             transport.write(_HEADER_TIMEOUT_RESPONSE)
