@@ -5,6 +5,7 @@ old one; with --workers, new workers replace the old behind the same port."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -134,7 +135,11 @@ async def test_requests_keep_being_served_while_workers_are_replaced(tmp_path: P
         with proxy_process(config, tmp_path, "--workers", "2") as proxy:
             before = _children(proxy.process.pid)
             statuses: list[int] = []
+            # The parent and every worker get SIGHUP, as from `systemctl kill -s HUP`: the
+            # workers ignore it, the parent replaces them.
             proxy.process.send_signal(signal.SIGHUP)
+            for worker in before:
+                os.kill(worker, signal.SIGHUP)
             for _ in range(400):  # bounded: until the old workers are gone
                 async with aiohttp.ClientSession() as client:  # a new connection each time
                     statuses.append(await _status(client, proxy.url, key))
@@ -143,7 +148,8 @@ async def test_requests_keep_being_served_while_workers_are_replaced(tmp_path: P
             assert not _children(proxy.process.pid) & before
             assert set(statuses) == {200}
             assert proxy.process.poll() is None
-            _stderr_after_stop(proxy)
+            log = _stderr_after_stop(proxy)
+            assert "exited with" not in log  # no worker died of the SIGHUP
 
 
 def test_sighup_without_a_config_file_is_ignored() -> None:

@@ -58,6 +58,9 @@ def _worker_main(
     # A worker never outlives the parent: if it dies (even by SIGKILL), the kernel sends
     # SIGTERM, and the worker drains and exits like on an ordinary stop.
     hardening.die_with_parent(signal.SIGTERM, parent_pid)
+    # A reload is the parent's business (it replaces the workers): a SIGHUP sent to the
+    # whole process group must not end a worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
