@@ -334,3 +334,9 @@ def test_limit_keys_are_validated_by_key_path() -> None:
         with pytest.raises(ConfigError) as caught:
             parse_config({**base, **patch}, {})
         assert caught.value.key_path == key
+
+
+def test_the_redis_url_is_never_printed() -> None:
+    from zrproxy.config import LimitsConfig
+
+    assert "s3cret" not in repr(LimitsConfig(redis_url="redis://:s3cret@127.0.0.1:6379/0"))

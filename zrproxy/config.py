@@ -68,8 +68,9 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    # Per-project counters shared by every worker and replica; None: per process.
-    redis_url: str | None = None
+    # Per-project counters shared by every worker and replica; None: per process. It may
+    # carry a password, so it is never printed (repr=False).
+    redis_url: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
