@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
@@ -45,6 +46,8 @@ _SHM = "/dev/shm"
 _SUPERVISE_EVERY_S = 0.2
 _RESTART_BACKOFF_S = 1.0
 _START_TIMEOUT_S = 60.0
+# What the kernel sends a worker when its parent dies (PR_SET_PDEATHSIG).
+_ORPHANED = signal.SIGUSR2
 
 
 def _worker_main(
@@ -55,9 +58,13 @@ def _worker_main(
     metrics_dir: str,
 ) -> None:
     """A worker process: the ordinary Service with the shared port and no admin listener."""
-    # A worker never outlives the parent: if it dies (even by SIGKILL), the kernel sends
-    # SIGTERM, and the worker drains and exits like on an ordinary stop.
-    hardening.die_with_parent(signal.SIGTERM, parent_pid)
+    # A worker never outlives the parent. If the parent dies (even by SIGKILL), the kernel
+    # sends _ORPHANED: the worker removes the metrics directory the parent can no longer
+    # remove, drains and exits. Its own signal, because the kernel sends it again as each
+    # of the dying parent's threads ends, and because SIGTERM means an ordinary stop.
+    orphaned = threading.Event()
+    signal.signal(_ORPHANED, lambda _sig, _frame: orphaned.set())
+    hardening.die_with_parent(_ORPHANED, parent_pid)
     # A reload is the parent's business (it replaces the workers): a SIGHUP sent to the
     # whole process group must not end a worker.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -67,12 +74,27 @@ def _worker_main(
     harden()
 
     async def serve() -> int:
+        # Before ready: a signal right after it (a drain, or the parent's death) must find
+        # our handler, not the default action that ends the process on the spot.
+        stop = stop_requested()
+        loop = asyncio.get_running_loop()
+
+        def on_orphaned() -> None:
+            orphaned.set()
+            stop.set()
+
+        loop.add_signal_handler(_ORPHANED, on_orphaned)
+        if orphaned.is_set():
+            stop.set()
         service = Service(config, reuse_port=True, admin=False)
         try:
             await service.start()
             settle_heap()
             ready.set()
-            await stop_requested().wait()
+            await stop.wait()
+            if orphaned.is_set():
+                # The others' mapped files stay valid until they exit.
+                shutil.rmtree(metrics_dir, ignore_errors=True)
             await service.drain()
         finally:
             await service.stop()
@@ -81,9 +103,9 @@ def _worker_main(
     try:
         code = run_loop(serve, config.server.scrub_memory)
     finally:
-        if os.getppid() != parent_pid:
-            # The parent died without its cleanup: whichever worker ends first removes the
-            # metrics directory (the others' mapped files stay valid until they exit).
+        # The loop's handlers are gone: a late repeat of the signal must not cut the exit.
+        signal.signal(_ORPHANED, signal.SIG_IGN)
+        if orphaned.is_set():
             shutil.rmtree(metrics_dir, ignore_errors=True)
     raise SystemExit(code)
 
