@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 RUN_STAMP := $(VENV)/.runtime-stamp
 STAMP  := $(VENV)/.installed-stamp
 # Debian packages some tests and the benchmark drive as real peers.
-SYSTEM_PACKAGES := strace prometheus nginx-light wrk age
+SYSTEM_PACKAGES := strace prometheus nginx-light wrk age redis-server
 
 .PHONY: run test test-fast lint system-deps bench clean
 
@@ -30,7 +30,7 @@ run: $(RUN_STAMP)
 # Without root or apt-get the tests that need them skip and say why.
 system-deps:
 	@missing=""; \
-	for tool in strace:strace prometheus:prometheus promtool:prometheus nginx:nginx-light wrk:wrk age:age; do \
+	for tool in strace:strace prometheus:prometheus promtool:prometheus nginx:nginx-light wrk:wrk age:age redis-server:redis-server; do \
 	  command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \

@@ -93,12 +93,19 @@ def start_mock(tmp: Path) -> Server:
     return Server("mock", process, match.group(1), int(match.group(2)), log)
 
 
-def zrproxy_config(mock: Server, key_sha256: str) -> str:
+# The benchmark holds up to 10,000 streams: above the default admission caps, which are
+# sized for a 512 MiB pod.
+BENCH_CAPS = {"max_connections": 20000, "max_in_flight": 20000, "max_streams": 20000}
+
+
+def zrproxy_config(mock: Server, key_sha256: str, caps: dict[str, int] | None = None) -> str:
+    settings = {**BENCH_CAPS, **(caps or {})}
     return (
         "[server]\n"
         f'listen = "127.0.0.1:{free_port()}"\n'
         f'admin_listen = "127.0.0.1:{free_port()}"\n'
-        "[[upstreams]]\n"
+        + "".join(f"{name} = {value}\n" for name, value in settings.items())
+        + "[[upstreams]]\n"
         'name = "mock"\nkind = "openai"\n'
         f'base_url = "http://{mock.host}:{mock.port}/v1"\n'
         "[[routes]]\n"
@@ -117,9 +124,10 @@ def start_zrproxy(
     flags: tuple[str, ...] = (),
     cpus: str | None = procs.PROXY_CPUS,
     config_text: str | None = None,
+    caps: dict[str, int] | None = None,
 ) -> Server:
     config = tmp / f"{name}.toml"
-    config.write_text(config_text or zrproxy_config(mock, key_sha256))
+    config.write_text(config_text or zrproxy_config(mock, key_sha256, caps))
     log = tmp / f"{name}.log"
     cmd = [sys.executable, "-m", "zrproxy", "serve", "--config", str(config), *flags]
     process = _spawn(cmd, log, cpus)

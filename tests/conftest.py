@@ -78,20 +78,33 @@ def config_data(
     routes: list[dict[str, Any]] | None = None,
     projects: list[dict[str, Any]] | None = None,
     zero_retention: bool = True,
+    project: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
     **server: Any,
 ) -> dict[str, Any]:
-    """A config as parsed TOML data; listeners on loopback port 0.
+    """A config as parsed TOML data; listeners on loopback port 0. `project` adds keys to
+    the default project "acme"; `limits` is the [limits] table.
 
     Upstreams declare `zero_data_retention = true` unless they say otherwise: the test
     upstreams (the bundled mock, fakes on loopback) keep nothing, and projects have zero
     retention by default, so only such upstreams may serve them."""
-    return {
+    data = {
         "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", **server},
         "upstreams": [{"zero_data_retention": True, **u} for u in upstreams],
         "routes": routes or [{"model": "*", "upstreams": [u["name"] for u in upstreams]}],
         "projects": projects
-        or [{"name": "acme", "key_sha256": [key_sha256], "zero_retention": zero_retention}],
+        or [
+            {
+                "name": "acme",
+                "key_sha256": [key_sha256],
+                "zero_retention": zero_retention,
+                **(project or {}),
+            }
+        ],
     }
+    if limits is not None:
+        data["limits"] = limits
+    return data
 
 
 def kind_for(path: str) -> str:
@@ -193,3 +206,54 @@ async def settled_metric(
             break
         await asyncio.sleep(0.05)
     return value
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # names lower-cased
+    body: bytes  # de-chunked
+    complete: bool  # the terminating chunk (or the whole Content-Length) arrived
+
+
+async def raw_post(url: str, path: str, body: bytes, headers: dict[str, str]) -> RawResponse:
+    """POST on a raw socket and read the response as sent: unlike aiohttp's client, which
+    drops bytes that arrive together with a cut, this keeps every byte before the cut and
+    says whether the body was ended properly."""
+    import asyncio
+
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    writer.write(head.encode() + b"\r\n" + body)
+    try:
+        raw_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+        lines = raw_head.decode("latin-1").split("\r\n")
+        fields = {
+            k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:-2])
+        }
+        status = int(lines[0].split()[1])
+        parts: list[bytes] = []
+        complete = False
+        try:
+            if fields.get("transfer-encoding", "").lower() == "chunked":
+                while True:
+                    size = int(
+                        (await asyncio.wait_for(reader.readuntil(b"\r\n"), 60)).split(b";")[0], 16
+                    )
+                    if size == 0:
+                        await reader.readuntil(b"\r\n")
+                        complete = True
+                        break
+                    parts.append((await asyncio.wait_for(reader.readexactly(size + 2), 60))[:-2])
+            else:
+                length = int(fields.get("content-length", "0"))
+                parts.append(await asyncio.wait_for(reader.readexactly(length), 60))
+                complete = True
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
+                parts.append(exc.partial)
+        return RawResponse(status, fields, b"".join(parts), complete)
+    finally:
+        writer.close()

@@ -58,6 +58,9 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "zrproxy_audit_records_total": ("counter", frozenset({"project", "outcome"})),
     "zrproxy_project_info": ("gauge", frozenset({"project", "zero_retention", "audit_log"})),
     "zrproxy_build_info": ("gauge", frozenset({"version"})),
+    "zrproxy_client_errors_total": ("counter", frozenset({"kind"})),
+    "zrproxy_limits_backend": ("gauge", frozenset({"backend"})),
+    "zrproxy_refused_accepts_total": ("counter", frozenset()),
 }
 # Closed label value sets from the spec (1xx: zrproxy.metrics.STATUS_CLASSES has it too).
 LABEL_ENUMS = {

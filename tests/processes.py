@@ -188,3 +188,27 @@ def proxy_process(
         yield Proc(log, match.group(1), match.group(2))
     finally:
         log.stop(10)
+
+
+def worker_pids(parent: int) -> set[int]:
+    """Worker processes of `parent` (not multiprocessing's resource tracker)."""
+    workers = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"resource_tracker" not in cmdline:
+            workers.add(int(entry))
+    return workers
+
+
+def metrics_dir_of(pid: int) -> Path:
+    """Where a `--workers` parent keeps its multiprocess metrics files."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    value = next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+    return Path(value.split(b"=", 1)[1].decode())

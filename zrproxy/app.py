@@ -21,13 +21,22 @@ import uvloop
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import RawRequestMessage
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
+from zrproxy.admin import AdminListener
 from zrproxy.audit import AuditLog, Clock, utc_now
-from zrproxy.config import Address, Config
+from zrproxy.config import Address, Config, ServerConfig
+from zrproxy.connection import (
+    HeadTooLarge,
+    LimitedRequestHandler,
+    check_http_parser,
+    handler_limits,
+)
 from zrproxy.errors import StartupError
+from zrproxy.listener import AcceptErrors, PausableSite, fd_connection_cap, listening_socket
 from zrproxy.metrics import Metrics
 from zrproxy.policy import report, to_json
 from zrproxy.proxy import Proxy, ServiceState
@@ -44,6 +53,16 @@ _INTERNAL = (
     b'{"error":{"message":"Internal proxy error.","type":"api_error",'
     b'"param":null,"code":"internal_error"}}'
 )
+_HEADERS_TOO_LARGE = (
+    b'{"error":{"message":"The request headers exceed the configured limits.",'
+    b'"type":"invalid_request_error","param":null,"code":"request_header_fields_too_large"}}'
+)
+_URI_TOO_LONG = (
+    b'{"error":{"message":"The request line exceeds the configured limit.",'
+    b'"type":"invalid_request_error","param":null,"code":"uri_too_long"}}'
+)
+# aiohttp's parser error for more than max_headers fields (a fixed text, no input in it).
+_TOO_MANY_HEADERS = "Too many headers received"
 _LINGER_S = 1.0
 _GC_GEN0_THRESHOLD = 50_000
 _TRIM_PERIOD_S = 1.0
@@ -52,7 +71,7 @@ _TRIM_AFTER_REQUESTS = 1000
 _CANCEL_GRACE_S = 2.0
 
 
-class _ContentFreeRequestHandler(RequestHandler):
+class _ContentFreeRequestHandler(LimitedRequestHandler):
     """aiohttp's connection handler, minus everything that could log or echo content.
 
     Its parser errors carry the raw bytes that failed to parse, and it would log them
@@ -74,13 +93,27 @@ class _ContentFreeRequestHandler(RequestHandler):
             exc.__traceback__ = exc.__context__ = None
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
+        if isinstance(exc, HeadTooLarge):
+            status = exc.status
+        elif isinstance(exc, LineTooLong) or (
+            exc is not None and getattr(exc, "message", None) == _TOO_MANY_HEADERS
+        ):
+            status = 431  # a request line too long was refused as 414 before parsing
         if status >= 500:
             log.error("request handling failed (%s)", type(exc).__name__)
         else:
             manager = self._manager
             if isinstance(manager, _ApiServer):
                 manager.on_bad_request()
-        body = _INTERNAL if status >= 500 else _BAD_HTTP
+        body = (
+            _INTERNAL
+            if status >= 500
+            else _HEADERS_TOO_LARGE
+            if status == 431
+            else _URI_TOO_LONG
+            if status == 414
+            else _BAD_HTTP
+        )
         response = web.Response(status=status, body=body, content_type="application/json")
         response.force_close()
         return response
@@ -106,12 +139,52 @@ class _ApiRequest(web.BaseRequest):
 
 
 class _ApiServer(web.Server):
-    def __init__(self, *args: Any, on_bad_request: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        on_bad_request: Callable[[], None],
+        max_connections: int,
+        server_config: ServerConfig,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.server_config = server_config
         self.on_bad_request = on_bad_request
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self.site: PausableSite | None = None
+        self._resuming: asyncio.Task[None] | None = None
+
+    # At max_connections the listener stops accepting (new connections wait in the
+    # kernel's backlog) and starts again as soon as one closes.
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self.open_connections += 1
+        if self.open_connections >= self.max_connections and self.site is not None:
+            self.site.pause()
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self.open_connections -= 1
+        site = self.site
+        if (
+            site is not None
+            and site.paused
+            and self.open_connections < self.max_connections
+            and self._resuming is None
+        ):
+            self._resuming = asyncio.get_running_loop().create_task(self._resume(site))
+
+    async def _resume(self, site: PausableSite) -> None:
+        try:
+            await site.resume()
+        finally:
+            self._resuming = None
 
     def __call__(self) -> RequestHandler:
-        return _ContentFreeRequestHandler(self, loop=self._loop, **self._kwargs)
+        return _ContentFreeRequestHandler(
+            self, loop=self._loop, server_config=self.server_config, **self._kwargs
+        )
 
     def _make_request(
         self,
@@ -148,26 +221,47 @@ class Service:
         self._upstreams: Upstreams | None = None
         self._api_server: _ApiServer | None = None
         self._api_runner: web.ServerRunner | None = None
-        self._api_site: web.TCPSite | None = None
-        self._admin_runner: web.AppRunner | None = None
+        self._api_site: PausableSite | None = None
+        self._proxy: Proxy | None = None
+        self._previous_handler: Any = None
+        self._restarting: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._admin: AdminListener | None = None
         self._trimmer: asyncio.Task[None] | None = None
         self.audit = AuditLog.from_config(config, self.metrics, audit_clock)
         self.api_address: Address | None = None
         self.admin_address: Address | None = None
 
     async def start(self) -> None:
+        check_http_parser()
         server = self.config.server
         self._upstreams = Upstreams(self.config)
         if self.audit is not None:
             # Expired records go before we serve; the writer thread repeats this hourly.
             await asyncio.to_thread(self.audit.sweep)
             self.audit.start()
-        proxy = Proxy(
+        proxy = self._proxy = Proxy(
             self.config, self._upstreams, self.metrics, self.state, self.day_clock, self.audit
         )
+        max_connections = proxy.limits.max_connections
+        fd_cap = fd_connection_cap()
+        if fd_cap < max_connections:
+            log.warning(
+                "server.max_connections: %d per process do not fit the file-descriptor "
+                "limit (two per proxied request); accepting at most %d",
+                max_connections,
+                fd_cap,
+            )
+            max_connections = fd_cap
+        loop = asyncio.get_running_loop()
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(AcceptErrors(self._accept_refused, self._previous_handler))
         self._api_server = _ApiServer(
-            proxy.handle,
+            self._handle,
             on_bad_request=self.metrics.child(self.metrics.rejections, "malformed").inc,
+            max_connections=max_connections,
+            server_config=server,
+            **handler_limits(server),
             handler_cancellation=True,  # a client that leaves cancels its upstream request
             access_log=None,
             keepalive_timeout=server.keepalive_timeout_s,
@@ -178,27 +272,25 @@ class Service:
         )
         self._api_runner = web.ServerRunner(self._api_server, handle_signals=False)
         await self._api_runner.setup()
-        self._api_site = web.TCPSite(
-            self._api_runner,
-            server.listen.host,
-            server.listen.port,
-            reuse_port=self._reuse_port or None,
-            backlog=1024,
-        )
+        try:
+            sock = listening_socket(
+                server.listen.host, server.listen.port, reuse_port=self._reuse_port, backlog=1024
+            )
+        except OSError as exc:
+            raise StartupError(f"server.listen: cannot listen ({exc.strerror})") from None
+        self._api_site = PausableSite(self._api_runner, sock, backlog=1024)
+        self._api_server.site = self._api_site
         await _bind(self._api_site, "server.listen")
         self.api_address = _bound(self._api_runner)
         if self._with_admin:
-            self._admin_runner = web.AppRunner(
+            # On its own thread and loop: API load must not make a busy pod look dead.
+            self._admin = AdminListener(
                 admin_app(self.state, self._exposition, self._policy),
-                access_log=None,
-                handle_signals=False,
+                server.admin_listen,
+                "server.admin_listen",
             )
-            await self._admin_runner.setup()
-            site = web.TCPSite(
-                self._admin_runner, server.admin_listen.host, server.admin_listen.port
-            )
-            await _bind(site, "server.admin_listen")
-            self.admin_address = _bound(self._admin_runner)
+            await self._admin.start()
+            self.admin_address = self._admin.address
         self._trimmer = asyncio.create_task(trim_heap_when_idle(self.state))
         self.state.ready = True
         if self.admin_address is None:
@@ -207,6 +299,45 @@ class Service:
             log.info(
                 "zrproxy ready: api=http://%s admin=http://%s", self.api_address, self.admin_address
             )
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        # Read per request, so a reload applies to new requests on open connections too.
+        assert self._proxy is not None
+        return await self._proxy.handle(request)
+
+    async def reload(self, config: Config) -> None:
+        """Serve new requests with `config`; requests in flight finish on the old one."""
+        old_proxy, old_upstreams = self._proxy, self._upstreams
+        self._upstreams = Upstreams(config)
+        self._proxy = Proxy(config, self._upstreams, self.metrics, self.state)
+        self.config = config
+        server = config.server
+        api = self._api_server
+        if api is not None:  # for connections accepted from now on
+            api.server_config = server
+            api.max_connections = min(self._proxy.limits.max_connections, fd_connection_cap())
+            api._kwargs.update(
+                keepalive_timeout=server.keepalive_timeout_s, **handler_limits(server)
+            )
+        if old_proxy is not None and old_upstreams is not None:
+            # Every request in flight now was taken by the old config.
+            in_flight = set(self.state.handlers)
+            retire = _retire(old_proxy, old_upstreams, in_flight)
+            task = asyncio.get_running_loop().create_task(retire)
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    def _accept_refused(self, listener_closed: bool) -> None:
+        self.metrics.refused_accepts.inc()
+        site = self._api_site
+        if listener_closed and site is not None and self._restarting is None:
+            self._restarting = asyncio.get_running_loop().create_task(self._restart(site))
+
+    async def _restart(self, site: PausableSite) -> None:
+        try:
+            await site.restart(after_s=1.0)
+        finally:
+            self._restarting = None
 
     async def drain(self) -> None:
         """Stop taking connections, let streams finish until the deadline, then end them."""
@@ -227,22 +358,35 @@ class Service:
         log.info("drained")
 
     async def stop(self) -> None:
+        if self._retiring:
+            await asyncio.wait(list(self._retiring), timeout=_CANCEL_GRACE_S)
         if self._trimmer is not None:
             self._trimmer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._trimmer
         if self._api_runner is not None:
             await self._api_runner.cleanup()
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
+        if self._admin is not None:
+            await self._admin.stop()
         if self._upstreams is not None:
             await self._upstreams.close()
         if self.audit is not None:
             await asyncio.to_thread(self.audit.close)  # writes what is still queued
+        if self._proxy is not None:
+            await self._proxy.limits.projects.close()
+            asyncio.get_running_loop().set_exception_handler(self._previous_handler)
         log.info("stopped")
 
     def _policy(self) -> bytes:
         return to_json(report(self.config, self.metrics, self.day_clock.day()))
+
+
+async def _retire(proxy: Proxy, upstreams: Upstreams, in_flight: set[asyncio.Task[object]]) -> None:
+    """Once the requests a replaced config took have finished, close what it held."""
+    if in_flight:
+        await asyncio.wait(in_flight)
+    await upstreams.close()
+    await proxy.limits.projects.close()
 
 
 async def _wait_for(tasks: set[asyncio.Task[object]], timeout_s: float) -> None:
@@ -251,7 +395,7 @@ async def _wait_for(tasks: set[asyncio.Task[object]], timeout_s: float) -> None:
         await asyncio.wait(list(tasks), timeout=timeout_s)
 
 
-async def _bind(site: web.TCPSite, key: str) -> None:
+async def _bind(site: web.BaseSite, key: str) -> None:
     try:
         await site.start()
     except OSError as exc:

@@ -7,11 +7,13 @@ shows are written for users (`_DESCRIPTION`, `_EPILOG`), not taken from this doc
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import functools
 import getpass
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,9 +30,11 @@ from zrproxy.config import (
     parse_address,
     process_environment,
 )
+from zrproxy.connection import check_http_parser
 from zrproxy.errors import ConfigError, StartupError
 from zrproxy.metrics import Metrics
 from zrproxy.policy import policy_warnings, register_lines, report, to_json, to_text
+from zrproxy.reload import reload_on_sighup
 from zrproxy.routing import utc_today
 from zrproxy.workers import Supervisor
 
@@ -233,6 +237,7 @@ def _with(config: Config, changes: dict[str, Any]) -> Config:
 
 
 def _serve(args: argparse.Namespace, argv: list[str]) -> int:
+    check_http_parser()
     environ = process_environment()
     # Every mistake is reported before the process changes anything about itself.
     changes = _server_overrides(args)
@@ -248,13 +253,19 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     harden = functools.partial(_harden, config is not None and config.server.mlock)
     harden()
     if config is not None:
-        return run_loop(lambda: _serve_config(config, harden), scrub)
+        path = args.config
+
+        def load() -> Config:
+            return _with(load_config(path), changes)
+
+        return run_loop(lambda: _serve_config(config, harden, load=load), scrub)
     return run_loop(lambda: _serve_embedded(changes, harden), scrub)
 
 
 def _harden(mlock: bool) -> None:
     """Process hardening, in the parent and again in every worker process."""
     hardening.disable_core_dumps()
+    log.info("file descriptors: limit %d per process", hardening.raise_fd_limit())
     if mlock:
         hardening.lock_memory()
     elif hardening.swap_enabled():
@@ -263,13 +274,22 @@ def _harden(mlock: bool) -> None:
 
 
 async def _serve_config(
-    config: Config, harden: Callable[[], None], banner: Callable[[str], None] | None = None
+    config: Config,
+    harden: Callable[[], None],
+    banner: Callable[[str], None] | None = None,
+    load: Callable[[], Config] | None = None,
 ) -> int:
     stop = stop_requested()
+    if load is None:  # the embedded demo config has no file to read again
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: log.info("SIGHUP: no config file to reload")
+        )
     if config.server.workers > 1:
         supervisor = Supervisor(config, harden)
         try:
             await supervisor.start()
+            if load is not None:
+                reload_on_sighup(lambda: supervisor.configured, load, supervisor.reload)
             if banner is not None:
                 banner(f"http://{supervisor.api_address}")
             await supervisor.supervise(stop)
@@ -281,6 +301,8 @@ async def _serve_config(
     try:
         await service.start()
         settle_heap()
+        if load is not None:
+            reload_on_sighup(lambda: service.config, load, service.reload)
         if banner is not None:
             banner(f"http://{service.api_address}")
         await stop.wait()

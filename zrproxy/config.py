@@ -62,6 +62,30 @@ class ServerConfig:
     scrub_memory: bool = False
     workers: int = 1
     log_format: LogFormat = "text"
+    # Admission and memory. The defaults fit a 512 MiB pod (the shipped manifest):
+    #   ~64 MiB the process itself
+    # + max_in_flight 512 x 512 KiB (the per-stream relay bound, README) = 256 MiB
+    # + max_buffered_body_bytes                                           =  96 MiB
+    # + max_connections 4096 x 16 KiB (socket objects, parser, buffers)   =  64 MiB
+    # = 480 MiB. With --workers N each process gets 1/N of each (limits.share).
+    max_connections: int = 4096
+    max_in_flight: int = 512
+    max_streams: int = 512
+    max_buffered_body_bytes: int = 96 * 1024 * 1024
+    body_timeout_s: float = 60.0
+    # HTTP input limits (431 / 414, connection closed).
+    header_timeout_s: float = 10.0
+    max_request_line_bytes: int = 8190
+    max_header_field_bytes: int = 8190
+    max_header_fields: int = 100
+    max_header_bytes: int = 32 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    # Per-project counters shared by every worker and replica; None: per process. It may
+    # carry a password, so it is never printed (repr=False).
+    redis_url: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +137,10 @@ class ProjectConfig:
     models: tuple[str, ...] | None = None
     regions: tuple[str, ...] | None = None
     audit_log: AuditLogConfig | None = None
+    # Admission limits for the whole service (None: unlimited); see zrproxy/limits.py.
+    max_concurrent: int | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +172,7 @@ class Config:
     projects: tuple[ProjectConfig, ...]
     subprocessors: tuple[SubprocessorConfig, ...] = ()
     audit: AuditConfig | None = None
+    limits: LimitsConfig = LimitsConfig()
 
     def upstream(self, name: str) -> UpstreamConfig:
         return next(u for u in self.upstreams if u.name == name)
@@ -380,6 +409,22 @@ def _server(table: _Table) -> ServerConfig:
         scrub_memory=table.take("scrub_memory", _bool, d.scrub_memory),
         workers=table.take("workers", _positive_int, d.workers),
         log_format=table.take("log_format", _log_format, d.log_format),
+        max_connections=table.take("max_connections", _positive_int, d.max_connections),
+        max_in_flight=table.take("max_in_flight", _positive_int, d.max_in_flight),
+        max_streams=table.take("max_streams", _positive_int, d.max_streams),
+        max_buffered_body_bytes=table.take(
+            "max_buffered_body_bytes", _positive_int, d.max_buffered_body_bytes
+        ),
+        body_timeout_s=table.take("body_timeout_s", _seconds, d.body_timeout_s),
+        header_timeout_s=table.take("header_timeout_s", _seconds, d.header_timeout_s),
+        max_request_line_bytes=table.take(
+            "max_request_line_bytes", _positive_int, d.max_request_line_bytes
+        ),
+        max_header_field_bytes=table.take(
+            "max_header_field_bytes", _positive_int, d.max_header_field_bytes
+        ),
+        max_header_fields=table.take("max_header_fields", _positive_int, d.max_header_fields),
+        max_header_bytes=table.take("max_header_bytes", _positive_int, d.max_header_bytes),
     )
     table.finish()
     if server.listen == server.admin_listen and server.listen.port != 0:
@@ -506,6 +551,9 @@ def _project(table: _Table) -> ProjectConfig:
         models=table.take("models", _glob_list, None),
         regions=table.take("regions", _str_list, None),
         audit_log=table.take("audit_log", _audit_log, None),
+        max_concurrent=table.take("max_concurrent", _positive_int, None),
+        requests_per_minute=table.take("requests_per_minute", _positive_int, None),
+        tokens_per_minute=table.take("tokens_per_minute", _positive_int, None),
     )
     table.finish()
     if project.audit_log is not None and project.zero_retention:
@@ -612,6 +660,19 @@ def _as_written(data: Mapping[str, Any], key: str, field: str) -> set[str]:
     return {t[field] for t in tables if isinstance(t, dict) and isinstance(t.get(field), str)}
 
 
+def _redis_url(path: str, value: object) -> str:
+    text = _str(path, value)
+    if not re.fullmatch(r"rediss?://\S+|unix://\S+", text):
+        raise ConfigError(path, "must be a redis://, rediss:// or unix:// URL")
+    return text
+
+
+def _limits(table: _Table) -> LimitsConfig:
+    limits = LimitsConfig(redis_url=table.take("redis_url", _redis_url, None))
+    table.finish()
+    return limits
+
+
 def parse_config(data: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     """Validate parsed TOML data; `environ` supplies upstream API keys.
 
@@ -676,6 +737,13 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
             found.errors.append(
                 ConfigError(f"projects[{i}].audit_log", "needs an [audit] table with dir")
             )
+    limits: LimitsConfig | None = None
+    try:
+        limits_table = _Table("limits", top.take("limits", _any, {}))
+    except ConfigError as exc:
+        found.errors.append(exc)
+    else:
+        limits = found.table(limits_table, _limits)
     top.finish()
     if subprocessors:
         for i, upstream in enumerate(upstreams):
@@ -689,9 +757,15 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     found.errors += top.errors
     if found.errors:
         raise found.errors[0] if len(found.errors) == 1 else ConfigErrors(found.errors)
-    assert server is not None
+    assert server is not None and limits is not None
     return Config(
-        server, tuple(upstreams), tuple(routes), tuple(projects), tuple(subprocessors), audit
+        server,
+        tuple(upstreams),
+        tuple(routes),
+        tuple(projects),
+        tuple(subprocessors),
+        audit,
+        limits,
     )
 
 

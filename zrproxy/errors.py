@@ -24,11 +24,14 @@ and the only variable parts are names taken from the config (key paths, upstream
         ├── StoringEndpoint          404
         ├── MethodNotAllowed         405
         ├── BodyTimeout              408
+        │   └── BodyTooSlow          408 a gap between body reads past idle_timeout_s
         ├── BodyTooLarge             413
+        ├── RateLimited              429 a project's limit; carries Retry-After
         ├── UpstreamUnavailable      502
         ├── UpstreamRedirected       502
         ├── UpstreamFailedMidStream  502 after the first byte: an SSE error event or a cut
         ├── ServiceDraining          503
+        ├── Overloaded               503 a global cap or the body budget; carries Retry-After
         └── UpstreamTimeout          504
 """
 
@@ -46,6 +49,7 @@ ErrorType = Literal[
     "api_error",
     "overloaded_error",
     "timeout_error",
+    "rate_limit_error",
 ]
 RejectReason = Literal[
     "auth",
@@ -59,7 +63,11 @@ RejectReason = Literal[
     "endpoint",
     "zero_retention",
     "not_active",
+    "overloaded",
+    "rate_limit",
 ]
+# Failures blamed on the client (zrproxy_client_errors_total{kind}).
+ClientErrorKind = Literal["slow_body", "body_timeout", "slow_read"]
 
 
 class ZrproxyError(Exception):
@@ -98,15 +106,21 @@ class ProxyError(ZrproxyError):
     # The zrproxy_rejections_total reason this counts under; None: not a rejection by the
     # proxy but an upstream-side failure (counted in zrproxy_upstream_errors_total).
     reject_reason: ClassVar[RejectReason | None] = None
+    # The zrproxy_client_errors_total kind this counts under; None: not the client's fault.
+    client_error: ClassVar[ClientErrorKind | None] = None
     # The request field at fault, in OpenAI's `param`; always a fixed string of ours.
     param: str | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, retry_after_s: int | None = None) -> None:
         super().__init__(self.message)
+        # Sent as Retry-After: a whole number of seconds, never anything from the request.
+        self.retry_after_s = retry_after_s
 
     def response_headers(self) -> dict[str, str]:
         """Headers HTTP asks for with this status (fixed values or config names only)."""
-        return {}
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class MalformedJSON(ProxyError):
@@ -189,7 +203,7 @@ class MethodNotAllowed(ProxyError):
         self.allow = allow  # our own method list, e.g. "POST"
 
     def response_headers(self) -> dict[str, str]:
-        return {"Allow": self.allow}
+        return {**super().response_headers(), "Allow": self.allow}
 
 
 class BodyTimeout(ProxyError):
@@ -198,6 +212,12 @@ class BodyTimeout(ProxyError):
     code = "request_timeout"
     message = "The request body did not arrive in time."
     reject_reason = "malformed"
+    client_error: ClassVar[ClientErrorKind | None] = "body_timeout"
+
+
+class BodyTooSlow(BodyTimeout):
+    message = "The request body stalled."
+    client_error = "slow_body"
 
 
 class BodyTooLarge(ProxyError):
@@ -206,6 +226,14 @@ class BodyTooLarge(ProxyError):
     code = "request_too_large"
     message = "The request body exceeds the configured size limit."
     reject_reason = "size"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    message = "The project's rate limit was reached; retry after the time in Retry-After."
+    reject_reason = "rate_limit"
 
 
 class UpstreamUnavailable(ProxyError):
@@ -228,6 +256,14 @@ class ServiceDraining(ProxyError):
     code = "draining"
     message = "The proxy is shutting down; retry on another instance."
     reject_reason = "draining"
+
+
+class Overloaded(ProxyError):
+    status = 503
+    error_type = "overloaded_error"
+    code = "overloaded"
+    message = "The proxy is at capacity; retry after the time in Retry-After."
+    reject_reason = "overloaded"
 
 
 class NoUpstreamInRegion(ProxyError):

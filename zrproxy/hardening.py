@@ -35,9 +35,11 @@ from typing import NoReturn
 
 __all__ = [
     "HardeningError",
+    "die_with_parent",
     "disable_core_dumps",
     "is_scrubbed",
     "lock_memory",
+    "raise_fd_limit",
     "reexec_scrubbed",
     "scrub_environment",
     "summary",
@@ -45,6 +47,7 @@ __all__ = [
 ]
 
 # <linux/prctl.h>, <sys/mman.h>
+_PR_SET_PDEATHSIG = 1
 _PR_GET_DUMPABLE = 3
 _PR_SET_DUMPABLE = 4
 _MCL_CURRENT = 1
@@ -233,3 +236,32 @@ def reexec_scrubbed(argv: list[str], env: Mapping[str, str]) -> NoReturn:
         if stream is not None:
             stream.flush()
     os.execve(sys.executable, [sys.executable, "-m", "zrproxy", *argv], scrub_environment(env))
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit in force.
+
+    Every client connection and every upstream connection is a file descriptor, and
+    the common default soft limit of 1,024 made the proxy go dark at about 500 streams.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+        soft = hard
+    return soft
+
+
+def die_with_parent(sig: int, parent_pid: int) -> None:
+    """Have the kernel send `sig` to this process when its parent dies.
+
+    If the parent is already gone (it died before this call), exit now: the signal
+    would never come.
+    """
+    if _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise HardeningError(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(code)}")
+    if os.getppid() != parent_pid:
+        os._exit(0)

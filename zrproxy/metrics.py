@@ -147,7 +147,29 @@ class Metrics:
         self.build_info.labels(__version__).set(1)
         # process_* (RSS, open fds, CPU seconds, start time) of the process serving /metrics.
         ProcessCollector(registry=r)
+        self.client_errors = Counter(
+            "zrproxy_client_errors",
+            "Requests failed by their client (a stalled or too slow body, a stalled reader).",
+            ["kind"],
+            registry=r,
+        )
+        self.limits_backend = Gauge(
+            "zrproxy_limits_backend",
+            "Where per-project limit counters live: 1 for the backend in force (redis, local).",
+            ["backend"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.refused_accepts = Counter(
+            "zrproxy_refused_accepts",
+            "Connections the API listener could not accept (out of file descriptors).",
+            registry=r,
+        )
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
+
+    def set_limits_backend(self, backend: str) -> None:
+        for name in ("local", "redis"):
+            self.limits_backend.labels(name).set(1 if name == backend else 0)
 
     def child(self, metric: M, *labels: str) -> M:
         """The bound child for these label values (bound once, then cached)."""

@@ -33,9 +33,12 @@ from zrproxy.dialects import (
 from zrproxy.errors import (
     BodyTimeout,
     BodyTooLarge,
+    BodyTooSlow,
+    InvalidAuth,
     InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
+    Overloaded,
     ProxyError,
     ServiceDraining,
     StoringEndpoint,
@@ -47,6 +50,7 @@ from zrproxy.errors import (
     ZeroRetentionConflict,
 )
 from zrproxy.headers import REQUEST_ID, SSE_HEADERS, client_response_headers, request_id
+from zrproxy.limits import Lease, Limits
 from zrproxy.metrics import NOT_KNOWN, Metrics, status_class
 from zrproxy.policy import project_report, to_json
 from zrproxy.retention_rules import conflict, forced_fields, is_storing_endpoint
@@ -60,6 +64,8 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MODEL_PREFIX = MODELS_PATH + "/"
 # A customer's view of its project's data handling (zrproxy.policy).
 POLICY_PATH = "/v1/policy"
+# Retry-After of a 503 at a global cap: load of this kind clears within seconds.
+_OVERLOAD_RETRY_S = 1
 # Request targets that are our own fixed strings; any other target may carry content.
 _PLAIN_TARGETS = frozenset([*ENDPOINTS, MODELS_PATH, POLICY_PATH])
 
@@ -98,6 +104,10 @@ class _Exchange:
     proxied: bool = False  # a call to a proxied endpoint (not /v1/models, not a 404 path)
     retention: str | None = None  # the ZR-Data-Retention value, once the project is known
     audit: AuditRecord | None = None  # only for projects with an audit log
+    reading_body: bool = False  # a deadline now is the client's fault, not the upstream's
+    lease: Lease | None = None  # the project's concurrency slot
+    stream_slot: bool = False  # counted in limits.streams
+    body_reserved: int = 0  # bytes held in limits.bodies
 
 
 def _expire(ex: _Exchange, task: asyncio.Task[object]) -> None:
@@ -122,6 +132,8 @@ class Proxy:
         self._max_body = config.server.max_body_bytes
         self._total_timeout = config.server.total_timeout_s
         self._idle_timeout = config.server.idle_timeout_s
+        self._body_timeout = config.server.body_timeout_s
+        self.limits = Limits(config, metrics.set_limits_backend)
         self._auth = Authenticator(config.projects)
         # "Today" for announced subprocessors (injectable for tests).
         self.clock = clock if clock is not None else DayClock()
@@ -149,12 +161,16 @@ class Proxy:
         )
         ex = _Exchange(loop.time(), request_id(request.headers.get(REQUEST_ID)), dialect)
         task: asyncio.Task[object] = asyncio.current_task(loop)  # type: ignore[assignment]
+        limits = self.limits
+        admitted = limits.in_flight.enter()
         self._state.handlers.add(task)
         self._state.served += 1
         self._metrics.in_flight.inc()
         # One timer per request for total_timeout_s, whatever phase it is in.
         deadline = loop.call_at(ex.started + self._total_timeout, _expire, ex, task)
         try:
+            if not admitted:
+                raise Overloaded(retry_after_s=_OVERLOAD_RETRY_S)
             if endpoint is not None:
                 return await self._proxy(request, endpoint, ex)
             if request.path == MODELS_PATH or request.path.startswith(_MODEL_PREFIX):
@@ -174,7 +190,8 @@ class Proxy:
             # Our own deadlines cancel the handler too; only a client leaving propagates.
             if ex.expired:
                 task.uncancel()
-                return await self._fail(request, ex, UpstreamTimeout())
+                late = BodyTimeout() if ex.reading_body else UpstreamTimeout()
+                return await self._fail(request, ex, late)
             if not self._state.drain_expired:
                 self._metrics.child(self._metrics.client_aborts, ex.route).inc()
                 raise
@@ -182,6 +199,9 @@ class Proxy:
             return await self._fail(request, ex, ServiceDraining())
         finally:
             deadline.cancel()
+            if admitted:
+                limits.in_flight.leave()
+            self._release(ex)
             self._state.handlers.discard(task)
             self._metrics.in_flight.dec()
             self._record(ex, loop.time())
@@ -203,9 +223,11 @@ class Proxy:
         project = self._auth.authenticate(request.headers)
         ex.project = project.name
         ex.retention = self._retention[project.name]
+        if self.limits.projects.limited(project.name):
+            ex.lease = await self.limits.projects.admit(project.name)
         if project.audit_log is not None and self._audit is not None:
             ex.audit = self._audit.record(project.name, ex.rid)
-        body = await self._read_body(request)
+        body = await self._read_body(request, ex)
         ex.bytes_in = len(body)
         if ex.audit is not None:
             ex.audit.request(body)
@@ -226,6 +248,10 @@ class Proxy:
         if not upstreams:
             raise UnsupportedEndpoint()
         ex.stream = parsed.stream
+        if parsed.stream:
+            if not self.limits.streams.enter():
+                raise Overloaded(retry_after_s=_OVERLOAD_RETRY_S)
+            ex.stream_slot = True
         # We ask OpenAI-style streams for usage when the client did not, then drop that
         # event on the way back (the tap), so token counts work for every stream.
         ask_usage = endpoint.usage_on_request and parsed.stream and not parsed.client_wants_usage
@@ -237,6 +263,8 @@ class Proxy:
             )
         finally:
             bodies.clear()  # the prompt is upstream now; don't hold it while streaming
+            self.limits.bodies.release(ex.body_reserved)
+            ex.body_reserved = 0
         ex.upstream = upstream.name
         if response.status < 500 and response.status != 429:
             self._health.succeeded(upstream.name)
@@ -292,10 +320,17 @@ class Proxy:
             raise UpstreamTimeout()
         raise UpstreamFailedMidStream()
 
-    async def _read_body(self, request: web.BaseRequest) -> bytes:
+    async def _read_body(self, request: web.BaseRequest, ex: _Exchange) -> bytes:
         length = request.content_length
         if length is not None and length > self._max_body:
             raise BodyTooLarge()
+        budget = self.limits.bodies
+        # A declared length is reserved whole before a byte is read; a chunked body
+        # chunk by chunk. Either way, over budget means 503 before reading more.
+        if length is not None:
+            if not budget.reserve(length):
+                raise Overloaded(retry_after_s=_OVERLOAD_RETRY_S)
+            ex.body_reserved = length
         if request.headers.get("Expect", "").lower() == "100-continue":
             # The low-level server does not answer Expect itself. We do it only now, after
             # auth and the size check, which is the point of 100-continue.
@@ -305,10 +340,13 @@ class Proxy:
         content = request.content
         failure: ProxyError | None = None
         loop = self._loop
-        # A client that stops sending mid-body (or whose chunked framing broke: aiohttp
-        # then never ends the body stream) must not hold a handler forever.
+        # The whole body within body_timeout_s, and no gap between reads longer than
+        # idle_timeout_s (a dribbling client, or chunked framing that broke: aiohttp then
+        # never ends the body stream). Both are the client's fault: 408, never 504.
+        whole_by = loop.time() + self._body_timeout
+        ex.reading_body = True
         try:
-            async with asyncio.timeout(self._idle_timeout) as deadline:
+            async with asyncio.timeout(min(whole_by, loop.time() + self._idle_timeout)) as dl:
                 while True:
                     try:
                         chunk = await content.readany()
@@ -321,10 +359,16 @@ class Proxy:
                     if size > self._max_body:
                         failure = BodyTooLarge()
                         break
+                    if size > ex.body_reserved:
+                        if not budget.reserve(size - ex.body_reserved):
+                            failure = Overloaded(retry_after_s=_OVERLOAD_RETRY_S)
+                            break
+                        ex.body_reserved = size
                     parts.append(chunk)
-                    deadline.reschedule(loop.time() + self._idle_timeout)
+                    dl.reschedule(min(whole_by, loop.time() + self._idle_timeout))
         except TimeoutError:
-            failure = BodyTimeout()
+            failure = BodyTimeout() if loop.time() >= whole_by else BodyTooSlow()
+        ex.reading_body = False
         chunk = b""
         if failure is not None:
             parts.clear()
@@ -371,6 +415,19 @@ class Proxy:
 
     # --- failures and metrics ---------------------------------------------------------------
 
+    def _release(self, ex: _Exchange) -> None:
+        """Give back every limit slot the request holds (idempotent)."""
+        limits = self.limits
+        if ex.body_reserved:
+            limits.bodies.release(ex.body_reserved)
+            ex.body_reserved = 0
+        if ex.stream_slot:
+            limits.streams.leave()
+            ex.stream_slot = False
+        if ex.lease is not None:
+            limits.projects.release(ex.lease)
+            ex.lease = None
+
     def _failed(self, upstream: str, kind: str) -> None:
         self._metrics.child(self._metrics.upstream_errors, upstream, kind).inc()
         self._health.failed(upstream, kind)
@@ -382,6 +439,8 @@ class Proxy:
         byte; after it, an in-band SSE error event, or a cut connection."""
         if error.reject_reason is not None:
             self._metrics.child(self._metrics.rejections, error.reject_reason).inc()
+        if error.client_error is not None:
+            self._metrics.child(self._metrics.client_errors, error.client_error).inc()
         started = ex.response
         if started is None or not started.prepared:
             ex.status = error.status
@@ -394,11 +453,19 @@ class Proxy:
             response = web.Response(
                 status=error.status, body=body, content_type="application/json", headers=headers
             )
-            if error.status in (408, 413) or error.reject_reason == "draining":
-                response.force_close()  # don't read the rest of a body we refused
+            if (
+                error.status in (408, 413)
+                or error.reject_reason == "draining"
+                or isinstance(error, InvalidAuth | Overloaded)
+            ):
+                # Don't read the rest of a body we refused; after refused credentials or
+                # at a cap, don't keep the connection (or the headers it last carried).
+                response.force_close()
             return response
-        # The status line is gone: say it in-band if we can, else cut the connection so
-        # the client can't take a truncated body for a whole one.
+        # The status line is gone: say it in-band if we can, then cut the connection
+        # without the terminating chunk, so HTTP clients, load balancers and access logs
+        # see a truncated transfer, never a whole one. Counted as failed.
+        ex.status = error.status
         if ex.is_sse:
             event = sse_error_event(ex.dialect, error)
             try:
@@ -408,7 +475,7 @@ class Proxy:
             else:
                 if ex.audit is not None:
                     ex.audit.response(event)
-        elif request.transport is not None:
+        if request.transport is not None:
             request.transport.close()
         return started
 
@@ -442,7 +509,10 @@ class Proxy:
             m.child(m.chunks, ex.route).inc(ex.chunks)
         tap = ex.tap
         if tap is not None:
-            for kind, count in tap.tokens().items():
+            tokens = tap.tokens()
+            if ex.project != NOT_KNOWN:
+                self.limits.projects.add_tokens(ex.project, sum(tokens.values()))
+            for kind, count in tokens.items():
                 if count:
                     m.child(m.tokens, ex.project, ex.route, ex.upstream, kind).inc(count)
             ex.tap = None

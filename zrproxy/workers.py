@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
@@ -34,7 +35,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client import multiprocess as prometheus_multiprocess
 
-from zrproxy import logs
+from zrproxy import hardening, logs
 from zrproxy.app import Service, admin_app, run_loop, settle_heap, stop_requested
 from zrproxy.config import Address, Config, export_metrics_dir
 from zrproxy.errors import StartupError
@@ -48,31 +49,67 @@ _SHM = "/dev/shm"
 _SUPERVISE_EVERY_S = 0.2
 _RESTART_BACKOFF_S = 1.0
 _START_TIMEOUT_S = 60.0
+# What the kernel sends a worker when its parent dies (PR_SET_PDEATHSIG).
+_ORPHANED = signal.SIGUSR2
 
 
 def _worker_main(
     config: Config,
     ready: multiprocessing.synchronize.Event,
     harden: Callable[[], None],
-    worker: int = 0,
+    worker: int,
+    parent_pid: int,
+    metrics_dir: str,
 ) -> None:
     """A worker process: the ordinary Service with the shared port and no admin listener."""
+    # A worker never outlives the parent. If the parent dies (even by SIGKILL), the kernel
+    # sends _ORPHANED: the worker removes the metrics directory the parent can no longer
+    # remove, drains and exits. Its own signal, because the kernel sends it again as each
+    # of the dying parent's threads ends, and because SIGTERM means an ordinary stop.
+    orphaned = threading.Event()
+    signal.signal(_ORPHANED, lambda _sig, _frame: orphaned.set())
+    hardening.die_with_parent(_ORPHANED, parent_pid)
+    # A reload is the parent's business (it replaces the workers): a SIGHUP sent to the
+    # whole process group must not end a worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logs.setup(config.server.log_format, worker)
     harden()
 
     async def serve() -> int:
+        # Before ready: a signal right after it (a drain, or the parent's death) must find
+        # our handler, not the default action that ends the process on the spot.
+        stop = stop_requested()
+        loop = asyncio.get_running_loop()
+
+        def on_orphaned() -> None:
+            orphaned.set()
+            stop.set()
+
+        loop.add_signal_handler(_ORPHANED, on_orphaned)
+        if orphaned.is_set():
+            stop.set()
         service = Service(config, reuse_port=True, admin=False)
         try:
             await service.start()
             settle_heap()
             ready.set()
-            await stop_requested().wait()
+            await stop.wait()
+            if orphaned.is_set():
+                # The others' mapped files stay valid until they exit.
+                shutil.rmtree(metrics_dir, ignore_errors=True)
             await service.drain()
         finally:
             await service.stop()
         return 0
 
-    raise SystemExit(run_loop(serve, config.server.scrub_memory))
+    try:
+        code = run_loop(serve, config.server.scrub_memory)
+    finally:
+        # The loop's handlers are gone: a late repeat of the signal must not cut the exit.
+        signal.signal(_ORPHANED, signal.SIG_IGN)
+        if orphaned.is_set():
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    raise SystemExit(code)
 
 
 class Supervisor:
@@ -80,6 +117,7 @@ class Supervisor:
 
     def __init__(self, config: Config, harden: Callable[[], None]) -> None:
         self.config = config
+        self.configured = config  # as given (self.config has the resolved port)
         self._harden = harden
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[tuple[BaseProcess, multiprocessing.synchronize.Event]] = []
@@ -125,14 +163,7 @@ class Supervisor:
             raise StartupError(f"server.admin_listen: cannot listen ({exc.strerror})") from None
         host, port = self._admin_runner.addresses[0][:2]
         self.admin_address = Address(host, port)
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + _START_TIMEOUT_S
-        while not all(ready.is_set() for _, ready in self._workers):
-            await asyncio.sleep(0.05)
-            if any(not p.is_alive() for p, _ in self._workers):
-                raise StartupError("a worker process exited during start-up")
-            if loop.time() > give_up:
-                raise StartupError("workers did not become ready in time")
+        await _until_ready(self._workers)
         self._state.ready = True
         log.info(
             "zrproxy ready: api=http://%s admin=http://%s workers=%d",
@@ -141,11 +172,45 @@ class Supervisor:
             len(self._workers),
         )
 
+    async def reload(self, config: Config) -> None:
+        """New workers on `config` join the port; once they are ready the old ones drain
+        (they stop accepting and finish their requests) and exit."""
+        assert self.api_address is not None
+        server = replace(config.server, listen=self.api_address)
+        fresh_config = replace(config, server=server)
+        previous = self.config
+        self.config = fresh_config
+        fresh = [self._spawn(index + 1) for index in range(server.workers)]
+        try:
+            await _until_ready(fresh)
+        except StartupError as exc:
+            log.error("config reload: new workers did not start (%s); the old ones serve on", exc)
+            for process, _ in fresh:
+                process.kill()
+                process.join(timeout=5)
+            self.config = previous
+            return
+        old, self._workers = self._workers, fresh
+        self.configured = config
+        for process, _ in old:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        patience = previous.server.drain_timeout_s + 5.0
+        await asyncio.gather(*(asyncio.to_thread(p.join, patience) for p, _ in old))
+        for process, _ in old:
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=1)
+            if process.pid is not None:
+                prometheus_multiprocess.mark_process_dead(process.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
+
     def _spawn(self, worker: int) -> tuple[BaseProcess, multiprocessing.synchronize.Event]:
         """Start worker number `worker` (1..N; a restarted worker keeps its number)."""
         ready = self._context.Event()
         process = self._context.Process(
-            target=_worker_main, args=(self.config, ready, self._harden, worker), daemon=False
+            target=_worker_main,
+            args=(self.config, ready, self._harden, worker, os.getpid(), self._metrics_dir),
+            daemon=False,
         )
         process.start()
         return process, ready
@@ -190,6 +255,19 @@ class Supervisor:
         if self._metrics_dir:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         log.info("stopped")
+
+
+async def _until_ready(
+    workers: list[tuple[BaseProcess, multiprocessing.synchronize.Event]],
+) -> None:
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + _START_TIMEOUT_S
+    while not all(ready.is_set() for _, ready in workers):
+        await asyncio.sleep(0.05)
+        if any(not p.is_alive() for p, _ in workers):
+            raise StartupError("a worker process exited during start-up")
+        if loop.time() > give_up:
+            raise StartupError("workers did not become ready in time")
 
 
 def _reserve_port(listen: Address) -> socket.socket:

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Mock, StartProxy, kind_for, metric, post
+from tests.conftest import Mock, StartProxy, kind_for, metric, post, raw_post
 from tests.fakes import RETRY_BODY, closed_port
 from tests.fakes import FakeUpstream as Fake
 from tests.fakes import FakeUpstreams as Fakes
@@ -287,12 +287,12 @@ async def test_no_retry_after_first_byte_stream_gets_in_band_error(
         routes=[{"model": "*", "upstreams": ["mock", "spare"], "name": "r"}],
     )
     make = anthropic if kind == "anthropic" else chat
-    async with session.post(
-        proxy.url + path, data=make("mock-n10-r3", stream=True), headers=proxy.auth()
-    ) as resp:
-        assert resp.status == 200
-        assert resp.content_type == "text/event-stream"
-        raw = await resp.read()  # the stream ends cleanly: no payload error
+    resp = await raw_post(proxy.url, path, make("mock-n10-r3", stream=True), proxy.auth())
+    assert resp.status == 200
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    # The error event, then the connection is cut without the terminating chunk.
+    assert not resp.complete
+    raw = resp.body
     events = sse_events(raw)
     *content, last = events
     if kind == "openai":
@@ -335,12 +335,10 @@ async def test_stream_idle_timeout_gets_in_band_504_error(
         idle_timeout_s=0.5,
     )
     make = anthropic if path == "/v1/messages" else chat
-    async with session.post(
-        proxy.url + path, data=make("mock-hangbody", stream=True), headers=proxy.auth()
-    ) as resp:
-        assert resp.status == 200
-        raw = await resp.read()
-    last = sse_events(raw)[-1]
+    resp = await raw_post(proxy.url, path, make("mock-hangbody", stream=True), proxy.auth())
+    assert resp.status == 200
+    assert not resp.complete
+    last = sse_events(resp.body)[-1]
     doc = sse_data(last)
     if path == "/v1/messages":
         assert last.startswith(b"event: error\n")

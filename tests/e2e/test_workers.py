@@ -11,31 +11,8 @@ import aiohttp
 import orjson
 
 from tests.conftest import config_data, settled_metric
-from tests.processes import mock_process, proxy_process
+from tests.processes import metrics_dir_of, mock_process, proxy_process, worker_pids
 from zrproxy.auth import new_key
-
-
-def _children(parent: int) -> set[int]:
-    """Worker processes of `parent` (not multiprocessing's resource tracker)."""
-    workers = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and b"resource_tracker" not in cmdline:
-            workers.add(int(entry))
-    return workers
-
-
-def _metrics_dir(pid: int) -> Path:
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    value = next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
-    return Path(value.split(b"=", 1)[1].decode())
 
 
 async def _send(url: str, key: str, count: int) -> list[int]:
@@ -70,9 +47,9 @@ async def test_workers_share_a_port_sum_metrics_restart_and_drain(tmp_path: Path
             [{"name": "mock", "kind": "openai", "base_url": mock.url}], digest, drain_timeout_s=2
         )
         with proxy_process(config, tmp_path, "--workers", "2") as proxy:
-            workers = _children(proxy.pid)
+            workers = worker_pids(proxy.pid)
             assert len(workers) == 2, workers
-            metrics_dir = _metrics_dir(next(iter(workers)))
+            metrics_dir = metrics_dir_of(next(iter(workers)))
             assert str(metrics_dir).startswith("/dev/shm/")
 
             assert await _send(proxy.url, key, 40) == [200] * 40
@@ -84,12 +61,12 @@ async def test_workers_share_a_port_sum_metrics_restart_and_drain(tmp_path: Path
             # A crashed worker is replaced, and the service keeps answering.
             crashed = next(iter(workers))
             os.kill(crashed, signal.SIGKILL)
-            assert _wait_until(lambda: len(_children(proxy.pid) - {crashed}) == 2, 20)
+            assert _wait_until(lambda: len(worker_pids(proxy.pid) - {crashed}) == 2, 20)
             assert await _send(proxy.url, key, 10) == [200] * 10
             # Counters survive a crash.
             assert await settled_metric(proxy.admin_url, "zrproxy_requests_total", 50) == 50
 
-            survivors = _children(proxy.pid)
+            survivors = worker_pids(proxy.pid)
             proxy.process.send_signal(signal.SIGTERM)
             assert proxy.process.wait(30) == 0
             assert not metrics_dir.exists()

@@ -31,7 +31,7 @@ EXPECTED = {
     "embeddings": 200,
     "failover": 200,
     "timeout": 504,
-    "upstream_reset": 200,  # the error arrives in-band, after the status line
+    "upstream_reset": -1,  # the error arrives in-band, then the stream is cut (no 0-chunk)
     "upstream_reset_plain": -1,  # a cut connection: no truncated body passes as whole
     "client_disconnect": 200,
     "no_route": 404,

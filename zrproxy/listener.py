@@ -1,0 +1,174 @@
+"""The API listening socket, whose accepting can pause at the connection cap.
+
+# Strategy
+We own the listening socket and hand the event loop a duplicate of it for each period
+of accepting. Pausing closes the loop's server (and so only the duplicate): the socket
+itself stays listening, and the kernel queues new connections in its backlog until we
+resume with a fresh duplicate. Public asyncio/aiohttp APIs only, on uvloop and the
+standard loop alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import resource
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger("zrproxy")
+
+
+def listening_socket(host: str, port: int, *, reuse_port: bool, backlog: int) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket (raises OSError)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class PausableSite(web.BaseSite):
+    """An aiohttp site on our own listening socket, with `pause()` and `resume()`."""
+
+    __slots__ = ("_name", "_paused", "_sock")
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, backlog: int) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._sock: socket.socket | None = sock
+        self._paused = False
+        host, port = sock.getsockname()[:2]
+        self._name = f"http://{host}:{port}"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    async def start(self) -> None:
+        await super().start()
+        await self._serve()
+
+    async def _serve(self) -> None:
+        assert self._sock is not None
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            server, sock=self._sock.dup(), backlog=self._backlog
+        )
+
+    def pause(self) -> None:
+        """Stop accepting; connections wait in the kernel's backlog."""
+        if self._paused or self._server is None:
+            return
+        self._paused = True
+        self._server.close()
+        self._server = None
+
+    async def resume(self) -> None:
+        if not self._paused or self._sock is None:
+            return
+        self._paused = False
+        await self._serve()
+
+    async def restart(self, after_s: float) -> None:
+        """Accept again on a fresh duplicate after the loop closed its server."""
+        if self._paused:
+            return
+        self._paused = True
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        await asyncio.sleep(after_s)
+        await self.resume()
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+# Descriptors kept free for the admin listener, logging, DNS and the like.
+_FD_RESERVE = 64
+# accept() errors that mean "out of descriptors or buffers", not a broken listener.
+_ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_REPORT_EVERY_S = 10.0
+
+
+def fd_connection_cap() -> int:
+    """How many client connections fit in the file-descriptor limit: each proxied
+    request also holds an upstream connection, and a reserve stays free."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    return max(1, (soft - in_use - _FD_RESERVE) // 2)
+
+
+class AcceptErrors:
+    """An event-loop exception handler that counts refused accepts (out of descriptors)
+    and logs them at most once per `_REPORT_EVERY_S`; anything else goes to the handler
+    that was in place.
+
+    The standard loop reports them as "socket.accept() out of system resource" and
+    retries a second later. uvloop (libuv) mostly closes such connections itself without
+    telling anyone; when its listen callback does report one, uvloop closes the listening
+    handle, so `on_refused(listener_closed=True)` lets the caller start accepting again.
+    """
+
+    def __init__(
+        self,
+        on_refused: Callable[[bool], None],
+        previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None,
+    ) -> None:
+        self._on_refused = on_refused
+        self._previous = previous
+        self._unreported = 0
+        self._next_report = 0.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        message = str(context.get("message", ""))
+        if isinstance(exc, OSError) and exc.errno in _ACCEPT_ERRNOS:
+            if "accept" in message or "listen" in message:
+                self._refused(exc.errno, listener_closed="listen" in message)
+                return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def _refused(self, code: int, listener_closed: bool) -> None:
+        self._unreported += 1
+        self._on_refused(listener_closed)
+        now = time.monotonic()
+        if now >= self._next_report:
+            log.warning(
+                "API listener: %d connections not accepted (%s: out of file descriptors or "
+                "buffers); see zrproxy_refused_accepts_total",
+                self._unreported,
+                errno.errorcode.get(code, str(code)),
+            )
+            self._unreported = 0
+            self._next_report = now + _REPORT_EVERY_S
