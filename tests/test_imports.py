@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zrproxy"
 MODULES = {p.stem: p for p in sorted(PACKAGE.glob("*.py"))}
 
 # caches (clears third-party caches that could hold content) is a leaf like these.
-_LEAVES = {"errors", "headers", "metrics", "mock_upstream", "hardening", "caches"}
+_LEAVES = {"errors", "headers", "metrics", "mock_upstream", "hardening", "caches", "outcomes"}
 _BELOW_PROXY = _LEAVES | {
     "config",
     "dialects",
@@ -20,6 +20,8 @@ _BELOW_PROXY = _LEAVES | {
     "routing",
     "upstream",
     "streaming",
+    "http1",
+    "pool",
 }
 # Module -> the zrproxy modules it may import. Lower layers never import higher ones.
 ALLOWED: dict[str, set[str]] = {
@@ -27,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "caches": set(),
     "errors": set(),
     "headers": set(),
-    "metrics": set(),
+    "metrics": {"outcomes"},
     "mock_upstream": set(),
     "hardening": {"errors"},
     "config": {"errors"},
@@ -35,8 +37,11 @@ ALLOWED: dict[str, set[str]] = {
     "usage": set(),
     "auth": {"config", "errors"},
     "routing": {"config", "errors"},
-    "upstream": {"config", "errors", "headers", "dialects"},
-    "streaming": {"usage", "errors"},
+    "outcomes": set(),
+    "http1": {"errors", "outcomes"},
+    "pool": {"http1"},
+    "upstream": {"config", "errors", "headers", "dialects", "http1", "outcomes", "pool"},
+    "streaming": {"usage", "errors", "http1", "outcomes"},
     "proxy": _BELOW_PROXY,
     "app": {"proxy", "upstream", "metrics", "config", "errors"},
     "workers": {"app", "proxy", "config", "metrics", "errors"},

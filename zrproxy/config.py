@@ -44,6 +44,8 @@ class ServerConfig:
     total_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
+    # A client that reads nothing for this long while we have bytes for it is closed.
+    send_timeout_s: float = 30.0
     mlock: bool = False
     scrub_memory: bool = False
     workers: int = 1
@@ -59,6 +61,10 @@ class UpstreamConfig:
     api_key: str | None = field(default=None, repr=False)
     region: str | None = None
     request_overrides: Mapping[str, Any] = field(default_factory=dict)
+    # Open connections to this upstream at most; a request waits for a free one at most
+    # pool_timeout_s, then fails over like a refused connection.
+    max_connections: int = 1024
+    pool_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +270,7 @@ def _server(table: _Table) -> ServerConfig:
         total_timeout_s=table.take("total_timeout_s", _seconds, d.total_timeout_s),
         drain_timeout_s=table.take("drain_timeout_s", _seconds, d.drain_timeout_s),
         keepalive_timeout_s=table.take("keepalive_timeout_s", _seconds, d.keepalive_timeout_s),
+        send_timeout_s=table.take("send_timeout_s", _seconds, d.send_timeout_s),
         mlock=table.take("mlock", _bool, d.mlock),
         scrub_memory=table.take("scrub_memory", _bool, d.scrub_memory),
         workers=table.take("workers", _positive_int, d.workers),
@@ -289,8 +296,21 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
             raise ConfigError(table.key("api_key_env"), problem)
     region = table.take("region", _name, None)
     overrides: Mapping[str, Any] = table.take("request_overrides", _overrides, {})
+    d = UpstreamConfig(name, kind, base_url)
+    max_connections = table.take("max_connections", _positive_int, d.max_connections)
+    pool_timeout_s = table.take("pool_timeout_s", _seconds, d.pool_timeout_s)
     table.finish()
-    return UpstreamConfig(name, kind, base_url, api_key_env, api_key, region, overrides)
+    return UpstreamConfig(
+        name,
+        kind,
+        base_url,
+        api_key_env,
+        api_key,
+        region,
+        overrides,
+        max_connections=max_connections,
+        pool_timeout_s=pool_timeout_s,
+    )
 
 
 def _overrides(path: str, value: object) -> dict[str, Any]:

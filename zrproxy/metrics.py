@@ -13,12 +13,14 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
+from zrproxy.outcomes import FailureKind
+
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
 NONE = "none"  # label value when a request was rejected before that name was known
-UpstreamErrorKind = Literal["connect", "timeout", "status_429", "status_5xx", "reset"]
+UpstreamErrorKind = FailureKind  # the `kind` label of zrproxy_upstream_errors
 TokenType = Literal["prompt", "completion"]
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 

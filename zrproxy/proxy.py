@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from aiohttp import ClientResponse, web
+from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from zrproxy.auth import Authenticator
 from zrproxy.caches import forget_request_urls
@@ -39,7 +40,9 @@ from zrproxy.errors import (
     UpstreamTimeout,
 )
 from zrproxy.headers import REQUEST_ID, SSE_HEADERS, client_response_headers, request_id
+from zrproxy.http1 import Exchange
 from zrproxy.metrics import NONE, Metrics, status_class
+from zrproxy.outcomes import FailureKind, Outcome
 from zrproxy.routing import Router
 from zrproxy.streaming import relay
 from zrproxy.upstream import Upstreams
@@ -81,6 +84,18 @@ class _Exchange:
     response: web.StreamResponse | None = None
     is_sse: bool = False
     expired: bool = False  # the total deadline cancelled the handler
+    outcome: Outcome | None = None
+
+
+def _media_type(content_type: bytes) -> bytes:
+    return content_type.partition(b";")[0].strip().lower()
+
+
+def _header_view(raw: list[tuple[bytes, bytes]]) -> CIMultiDictProxy[str]:
+    # latin-1 maps every byte; what the upstream sent is what the client gets.
+    return CIMultiDictProxy(
+        CIMultiDict([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw])
+    )
 
 
 def _expire(ex: _Exchange, task: asyncio.Task[object]) -> None:
@@ -99,6 +114,7 @@ class Proxy:
         self._max_body = config.server.max_body_bytes
         self._total_timeout = config.server.total_timeout_s
         self._idle_timeout = config.server.idle_timeout_s
+        self._send_timeout = config.server.send_timeout_s
         self._auth = Authenticator(config.projects)
         self._router = Router(config)
         self._upstreams = upstreams
@@ -183,13 +199,14 @@ class Proxy:
         try:
             return await self._respond(request, response, ex)
         finally:
-            response.close()
+            if not response.finished:
+                response.abandon()
 
     async def _respond(
-        self, request: web.BaseRequest, upstream: ClientResponse, ex: _Exchange
+        self, request: web.BaseRequest, upstream: Exchange, ex: _Exchange
     ) -> web.StreamResponse:
-        ex.is_sse = upstream.content_type == "text/event-stream"
-        headers = client_response_headers(upstream.headers, ex.rid)
+        ex.is_sse = _media_type(upstream.content_type) == b"text/event-stream"
+        headers = client_response_headers(_header_view(upstream.headers), ex.rid)
         if ex.is_sse:
             headers.update(SSE_HEADERS)
         out = web.StreamResponse(status=upstream.status, headers=headers)
@@ -201,7 +218,9 @@ class Proxy:
         if ex.is_sse:
             self._metrics.open_streams.inc()
         try:
-            result = await relay(upstream.content, out, ex.tap, self._loop.time)
+            result = await relay(
+                upstream, request, out, ex.tap, self._loop.time, self._send_timeout
+            )
         finally:
             if ex.is_sse:
                 self._metrics.open_streams.dec()
@@ -210,13 +229,21 @@ class Proxy:
             result.chunks,
             result.first_byte_at,
         )
-        if result.outcome == "completed":
+        ex.outcome = result.outcome
+        if result.outcome is Outcome.COMPLETED:
             return out
-        if result.outcome == "client_gone":
+        if result.outcome is Outcome.CLIENT_GONE:
             self._metrics.child(self._metrics.client_aborts, ex.route).inc()
             return out
-        self._failed(ex.upstream, "timeout" if result.outcome == "upstream_timeout" else "reset")
-        if result.outcome == "upstream_timeout":
+        if result.outcome is Outcome.CLIENT_STALLED:
+            # The client stopped reading: its problem, not the upstream's. Cut it off.
+            self._metrics.child(self._metrics.client_aborts, ex.route).inc()
+            if request.transport is not None:
+                request.transport.abort()
+            return out
+        kind = result.failure or "reset"
+        self._failed(ex.upstream, kind)
+        if kind == "timeout":
             raise UpstreamTimeout()
         raise UpstreamFailedMidStream()
 
@@ -272,7 +299,7 @@ class Proxy:
 
     # --- failures and metrics ---------------------------------------------------------------
 
-    def _failed(self, upstream: str, kind: str) -> None:
+    def _failed(self, upstream: str, kind: FailureKind) -> None:
         self._metrics.child(self._metrics.upstream_errors, upstream, kind).inc()
 
     async def _fail(
