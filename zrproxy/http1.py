@@ -17,10 +17,11 @@ connection, an oversized head, an upgrade, any response begun before our request
 buffer, bytes after the end, and bytes on an idle connection.
 
 llhttp skips CR/LF between messages, so "bytes after the end" made only of CR and LF would
-pass it. A message ends on a known shape (`<byte>\r\n\r\n` for heads and chunked bodies,
-the body's own last bytes for Content-Length), and since any other trailing byte makes
-llhttp start a message, the read is exact when it ends on that shape with nothing more;
-when the read cannot show it (the end straddles two reads), the connection is closed.
+pass it; any other byte after the end makes it start a message, which we refuse. A
+response ends on a CR/LF run of known length (4 for a head and for a chunked body's last
+chunk and trailers, `<not CR/LF>\r\n\r\n`; the body's own run for Content-Length), so
+we count the run the stream ends with, across reads: the end was exact when the two
+agree. Counting across reads keeps the verdict the same however the bytes were split.
 
 Body bytes of one read are joined and handed on once (one client write per upstream
 read). No futures or tasks per chunk: the handler waits on an `Exchange` only for the
@@ -42,8 +43,10 @@ MAX_HEAD_BYTES = 64 * 1024  # status line, headers and trailers of one response
 # While nobody consumes the body yet (between the head and the relay starting), reading
 # pauses past this many bytes.
 _EARLY_LIMIT = 256 * 1024
-_CRLF = (13, 10)
-_END_OF_HEAD = b"\r\n\r\n"
+_CRLF = b"\r\n"
+_TAIL = 64  # how far back from the end of a read the CR/LF run is looked for at first
+# A head, and a chunked body's last chunk and trailers, end on `<not CR/LF>\r\n\r\n`.
+_END_RUN = 4
 Sink = Callable[[bytes], None]
 
 
@@ -242,13 +245,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self._paused = False
         self._pieces: list[bytes] = []
-        self._last_piece = b""
+        self._run = 0  # how many CR/LF bytes the stream read so far ends with
         # per response
         self._head_bytes = 0
         self._te_count = 0
         self._te_chunked = False
         self._content_length: int | None = None
         self._interim = False
+        self._had_interim = False
+        self._head_fed = 0  # bytes fed while the head was incomplete
+        self._body_run = 0  # the CR/LF run the body so far ends with
+        self._body_other = False  # the body so far has a byte other than CR/LF
         self._complete = False
         self._keep_alive = False
         self._no_body = False
@@ -289,27 +296,29 @@ class UpstreamConnection(asyncio.Protocol):
                 return
         self.last_read = self.loop.time()
         pieces = self._pieces
-        self._last_piece = b""
+        self._run = _crlf_run(data, self._run)
+        head_pending = not exchange.status
+        if head_pending:
+            # httptools hands on a header only once it is whole: count what we feed.
+            self._head_fed += len(data)
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             # llhttp's messages are fixed strings; the traceback holds this frame (and
             # `data`) and dies here.
             forget(exc)
-            self._last_piece = b""
             self._refuse(exchange)
             return
-        if not self._complete:
-            self._last_piece = b""  # content: only needed to check the end just below
+        if head_pending and not exchange.status and self._head_fed > MAX_HEAD_BYTES:
+            self._refuse(exchange)
+            return
         if pieces:
             body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
             pieces.clear()
             exchange._body(body)
             body = b""
         if self._complete and self._exchange is exchange:
-            exact = self._ends_exactly(data)
-            self._last_piece = b""
-            if not exact:
+            if not self._ends_exactly():
                 self._refuse(exchange)
                 return
             self._exchange = None
@@ -328,6 +337,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._te_count = 0
         self._te_chunked = False
         self._content_length = None
+        self._body_run = 0
+        self._body_other = False
         self._exchange.headers.clear()
 
     def on_status(self, status: bytes) -> None:
@@ -362,6 +373,7 @@ class UpstreamConnection(asyncio.Protocol):
             if status == 101:
                 raise _Anomaly  # we never ask to upgrade
             self._interim = True  # 100/102/103: skipped, the real response follows
+            self._had_interim = True
             exchange.headers.clear()
             exchange.content_type = b""
             return
@@ -370,7 +382,13 @@ class UpstreamConnection(asyncio.Protocol):
                 raise _Anomaly  # only exactly one "chunked" is unambiguous
         elif self._content_length is None and not (self._no_body or status in (204, 304)):
             raise _Anomaly  # a body delimited by closing: its end can't be told from a cut
-        self._keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
+        # After an interim response llhttp skips CR/LF before the next head, where other
+        # parsers may not: such a connection is not reused.
+        self._keep_alive = (
+            parser.should_keep_alive()
+            and parser.get_http_version() == "1.1"
+            and not self._had_interim
+        )
         exchange.status = status
         exchange.content_length = None if self._te_count else self._content_length
         exchange._head()
@@ -380,7 +398,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._pieces.append(body)
-        self._last_piece = body
+        run = _crlf_run(body, self._body_run)
+        if run < len(body):
+            self._body_other = True
+        self._body_run = run
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -400,6 +421,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests += 1
         self._complete = False
         self._interim = False
+        self._had_interim = False
+        self._head_fed = 0
         self._no_body = no_body
         self.last_read = now
         transport = self.transport
@@ -454,24 +477,28 @@ class UpstreamConnection(asyncio.Protocol):
         exchange._fail("protocol")
         self.close()
 
-    def _ends_exactly(self, data: bytes) -> bool:
-        """Whether the response that just completed ended at the last byte of `data`.
+    def _ends_exactly(self) -> bool:
+        """Whether the response that just completed ended at the last byte read.
 
         Only CR/LF can follow the end unnoticed by llhttp (see the module docstring), so
-        it is enough to know that `data` ends on the response's own final bytes and is
-        not followed by more CR/LF.
+        the stream must end on exactly the CR/LF run the response itself ends with.
         """
-        last = self._last_piece
-        if last and not self._te_count:
-            # A Content-Length body: ends on the body's last non-CR/LF byte and the
-            # CR/LF run after it, exactly as in the body. A body that is all CR/LF
-            # (or ends on a long run of them) can't show it: not reused.
-            run = 0
-            size = len(last)
-            while run < size and run < 16 and last[size - 1 - run] in _CRLF:
-                run += 1
-            if run == size or run == 16:
-                return False
-            return data.endswith(last[size - 1 - run :])
-        # A head without a body or a chunked body: ends on `<not CR/LF>\r\n\r\n`.
-        return len(data) >= 5 and data.endswith(_END_OF_HEAD) and data[-5] not in _CRLF
+        if self._content_length and not self._te_count and not self._no_body:
+            # A body of only CR/LF continues the head's run.
+            expected = self._body_run if self._body_other else _END_RUN + self._body_run
+        else:
+            expected = _END_RUN
+        return self._run == expected
+
+
+def _crlf_run(data: bytes, before: int) -> int:
+    """The length of the CR/LF run `data` ends with, counting `before` (the run the
+    stream ended with until now) when `data` is nothing but CR/LF."""
+    tail = data[-_TAIL:]
+    run = len(tail) - len(tail.rstrip(_CRLF))
+    if run < len(tail):
+        return run
+    if len(data) == len(tail):
+        return before + run
+    run = len(data) - len(data.rstrip(_CRLF))  # a long run: rare, look at all of it
+    return run if run < len(data) else before + run
