@@ -291,8 +291,9 @@ class UpstreamConnection(asyncio.Protocol):
             transport = self.transport
             # The upstream answered before our request left our buffer: whatever it is
             # answering, it is not all of what we sent.
-            if transport is not None and transport.get_write_buffer_size():
-                self._refuse(exchange)
+            # llhttp skips CR/LF before a status line; others don't: not ours to guess.
+            if (transport is not None and transport.get_write_buffer_size()) or data[0] != 72:
+                self._refuse(exchange)  # 72: "H"
                 return
         self.last_read = self.loop.time()
         pieces = self._pieces
