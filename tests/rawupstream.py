@@ -13,9 +13,10 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-# A script step: bytes to write, seconds to wait, "close", "reset" (RST), "hold" (never
-# answer more), or "read-head-only" (answer before reading the body: must come first).
-Step = bytes | float | str
+# A script step: bytes to write, a function of the request body giving bytes to write,
+# seconds to wait, "close", "reset" (RST), "hold" (never answer more), or
+# "read-head-only" (answer before reading the body: must come first).
+Step = bytes | float | str | Callable[[bytes], bytes]
 Script = Callable[[int, bytes], list[Step]]
 
 
@@ -24,6 +25,8 @@ class RawUpstream:
     script: Script
     rcvbuf: int | None = None  # a small receive buffer, to keep a request body unsent
     connections: int = 0
+    open: int = 0
+    max_open: int = 0
     requests: list[tuple[int, bytes]] = field(default_factory=list)  # (connection, body)
     server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -52,6 +55,8 @@ class RawUpstream:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open += 1
+        self.max_open = max(self.max_open, self.open)
         conn = self.connections
         self._writers.add(writer)
         try:
@@ -72,6 +77,8 @@ class RawUpstream:
                     body = await reader.readexactly(length)
                 self.requests.append((conn, body))
                 for step in steps:
+                    if callable(step):
+                        step = step(body)
                     if isinstance(step, bytes):
                         writer.write(step)
                         await writer.drain()
@@ -92,6 +99,7 @@ class RawUpstream:
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
+            self.open -= 1
             self._writers.discard(writer)
             if not writer.is_closing():
                 writer.close()
