@@ -84,7 +84,7 @@ class _Exchange:
     response: web.StreamResponse | None = None
     is_sse: bool = False
     expired: bool = False  # the total deadline cancelled the handler
-    outcome: Outcome | None = None
+    outcome: Outcome | None = None  # decided once, by Proxy.handle or the relay's result
 
 
 def _media_type(content_type: bytes) -> bytes:
@@ -95,6 +95,17 @@ def _header_view(raw: list[tuple[bytes, bytes]]) -> CIMultiDictProxy[str]:
     # latin-1 maps every byte; what the upstream sent is what the client gets.
     return CIMultiDictProxy(
         CIMultiDict([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw])
+    )
+
+
+def _failure_outcome(ex: _Exchange, error: ProxyError) -> Outcome:
+    if error.reject_reason != "none":
+        return Outcome.REJECTED
+    started = ex.response is not None and ex.response.prepared
+    return (
+        Outcome.UPSTREAM_FAILED_AFTER_FIRST_BYTE
+        if started
+        else Outcome.UPSTREAM_FAILED_BEFORE_FIRST_BYTE
     )
 
 
@@ -140,21 +151,27 @@ class Proxy:
         deadline = loop.call_at(ex.started + self._total_timeout, _expire, ex, task)
         try:
             if endpoint is not None:
-                return await self._proxy(request, endpoint, ex)
-            if request.path == MODELS_PATH:
-                return self._models(request, ex)
-            raise NotFound()
+                response = await self._proxy(request, endpoint, ex)
+            elif request.path == MODELS_PATH:
+                response = self._models(request, ex)
+            else:
+                raise NotFound()
+            ex.outcome = ex.outcome or Outcome.COMPLETED
+            return response
         except ProxyError as exc:
+            ex.outcome = _failure_outcome(ex, exc)
             return await self._fail(request, ex, exc)
         except asyncio.CancelledError:
             # Our own deadlines cancel the handler too; only a client leaving propagates.
             if ex.expired:
                 task.uncancel()
+                ex.outcome = Outcome.DEADLINE
                 return await self._fail(request, ex, UpstreamTimeout())
             if not self._state.drain_expired:
-                self._metrics.child(self._metrics.client_aborts, ex.route).inc()
+                ex.outcome = Outcome.CLIENT_GONE
                 raise
             task.uncancel()
+            ex.outcome = Outcome.DRAIN
             return await self._fail(request, ex, ServiceDraining())
         finally:
             deadline.cancel()
@@ -229,15 +246,12 @@ class Proxy:
             result.chunks,
             result.first_byte_at,
         )
-        ex.outcome = result.outcome
-        if result.outcome is Outcome.COMPLETED:
-            return out
-        if result.outcome is Outcome.CLIENT_GONE:
-            self._metrics.child(self._metrics.client_aborts, ex.route).inc()
+        if result.outcome is Outcome.COMPLETED or result.outcome is Outcome.CLIENT_GONE:
+            ex.outcome = result.outcome
             return out
         if result.outcome is Outcome.CLIENT_STALLED:
             # The client stopped reading: its problem, not the upstream's. Cut it off.
-            self._metrics.child(self._metrics.client_aborts, ex.route).inc()
+            ex.outcome = result.outcome
             if request.transport is not None:
                 request.transport.abort()
             return out
@@ -332,7 +346,10 @@ class Proxy:
         return started
 
     def _record(self, ex: _Exchange, finished: float) -> None:
+        """Every metric of one request, once, from its outcome and counts."""
         m = self._metrics
+        if ex.outcome is Outcome.CLIENT_GONE or ex.outcome is Outcome.CLIENT_STALLED:
+            m.child(m.client_aborts, ex.route).inc()
         status = ex.status or 499
         stream = "true" if ex.stream else "false"
         m.child(m.requests, ex.project, ex.route, ex.upstream, status_class(status), stream).inc()
