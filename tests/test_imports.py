@@ -11,7 +11,16 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zrproxy"
 MODULES = {p.stem: p for p in sorted(PACKAGE.glob("*.py"))}
 
 # caches (clears third-party caches that could hold content) is a leaf like these.
-_LEAVES = {"errors", "headers", "metrics", "mock_upstream", "hardening", "caches", "outcomes"}
+_LEAVES = {
+    "errors",
+    "headers",
+    "metrics",
+    "mock_upstream",
+    "hardening",
+    "caches",
+    "outcomes",
+    "ids",
+}
 _BELOW_PROXY = _LEAVES | {
     "config",
     "dialects",
@@ -28,7 +37,8 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": set(),
     "caches": set(),
     "errors": set(),
-    "headers": set(),
+    "headers": {"ids"},
+    "ids": set(),
     "metrics": {"outcomes"},
     "mock_upstream": set(),
     "hardening": {"errors"},

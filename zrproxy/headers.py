@@ -6,9 +6,10 @@ Never copies a header value into anything but the outgoing request or response.
 from __future__ import annotations
 
 import re
-import secrets
 
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from zrproxy.ids import new_id
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus the framing headers aiohttp recomputes itself.
 HOP_BY_HOP = frozenset(
@@ -66,7 +67,7 @@ def request_id(incoming: str | None) -> str:
     """The client's request id when it is well-formed, else a new random one."""
     if incoming is not None and _REQUEST_ID_OK.fullmatch(incoming):
         return incoming
-    return secrets.token_hex(16)
+    return new_id()
 
 
 def _connection_named(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> frozenset[str]:
