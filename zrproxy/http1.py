@@ -399,10 +399,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._pieces.append(body)
-        run = _crlf_run(body, self._body_run)
-        if run < len(body):
-            self._body_other = True
-        self._body_run = run
+        if not self._te_count:  # only a Content-Length body's own run is needed
+            run = _crlf_run(body, self._body_run)
+            if run < len(body):
+                self._body_other = True
+            self._body_run = run
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -495,6 +496,8 @@ class UpstreamConnection(asyncio.Protocol):
 def _crlf_run(data: bytes, before: int) -> int:
     """The length of the CR/LF run `data` ends with, counting `before` (the run the
     stream ended with until now) when `data` is nothing but CR/LF."""
+    if data[-1] not in _CRLF:
+        return 0
     tail = data[-_TAIL:]
     run = len(tail) - len(tail.rstrip(_CRLF))
     if run < len(tail):

@@ -44,7 +44,7 @@ from zrproxy.http1 import Exchange
 from zrproxy.metrics import NONE, Metrics, status_class
 from zrproxy.outcomes import FailureKind, Outcome
 from zrproxy.routing import Router
-from zrproxy.streaming import relay
+from zrproxy.streaming import relay, whole_body
 from zrproxy.upstream import Upstreams
 from zrproxy.usage import UsageTap
 
@@ -226,10 +226,20 @@ class Proxy:
         headers = client_response_headers(_header_view(upstream.headers), ex.rid)
         if ex.is_sse:
             headers.update(SSE_HEADERS)
+        ex.status = upstream.status
+        if upstream.ended and not ex.is_sse:
+            # All of it is here (most non-streaming answers): one write for head and
+            # body, where a StreamResponse writes its head on its own first. (Streams
+            # stay chunked: their clients and any buffering in between expect it.)
+            body, whole = whole_body(upstream, ex.tap, self._loop.time)
+            ex.bytes_out, ex.chunks = whole.bytes_out, whole.chunks
+            ex.first_byte_at = whole.first_byte_at
+            ex.outcome = whole.outcome
+            ex.response = web.Response(status=upstream.status, headers=headers, body=body)
+            return ex.response
         out = web.StreamResponse(status=upstream.status, headers=headers)
         if not ex.is_sse and upstream.content_length is not None:
             out.content_length = upstream.content_length
-        ex.status = upstream.status
         ex.response = out
         await out.prepare(request)
         if ex.is_sse:

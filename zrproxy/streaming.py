@@ -14,7 +14,10 @@ the client needs draining (then it awaits aiohttp's drain, the only await per pa
 
 Writing: aiohttp's `StreamResponse.write` is a coroutine per chunk that counts bytes and
 may await drain; from `data_received` we cannot await, and driving a coroutine per chunk
-costs more than the write. So after the head has gone out through aiohttp (coalesced with
+costs more than the write. Measured per 160-byte SSE chunk against a transport that
+drops the bytes (so without the system call; on a shared 2-core machine, noisy):
+`await StreamWriter.write` 4.1-4.7 us, its coroutine driven by hand 3.2 us, the framed
+`transport.write` below 0.5-1.9 us. So after the head has gone out through aiohttp (coalesced with
 the bytes that came with the upstream's head), the body goes to the client transport
 directly, framed as aiohttp framed the response (chunked when `writer.chunked`). aiohttp
 still writes the terminating chunk (`write_eof`, after the handler returns). What we rely
@@ -176,6 +179,19 @@ async def relay(
             exchange.abandon()
         if tap is not None:
             tap.close()
+
+
+def whole_body(
+    exchange: Exchange, tap: UsageTap | None, now: Callable[[], float]
+) -> tuple[bytes, RelayResult]:
+    """The body of an exchange that has already ended, through the tap, and its result:
+    for a response sent in one piece (head and body in one write)."""
+    data = exchange.take_early()
+    if tap is not None:
+        data = tap.feed(data) + tap.flush() if data else tap.flush()
+        tap.close()
+    first_byte_at = now() if data else 0.0
+    return data, RelayResult(Outcome.COMPLETED, None, len(data), 1 if data else 0, first_byte_at)
 
 
 def _result(outcome: Outcome, failure: FailureKind | None, sink: _ClientSink) -> RelayResult:
