@@ -263,3 +263,39 @@ async def test_one_tls_context_per_upstream(url: str) -> None:
     else:
         assert context is None
     await upstreams.close()
+
+
+async def test_connections_and_exchanges_are_freed_without_the_collector(
+    start_proxy: StartProxy,
+) -> None:
+    import gc
+    import weakref
+
+    from zrproxy.http1 import Exchange
+
+    upstream = await RawUpstream(lambda i, h: [json_response(b'{"n":1}')]).start()
+    gc.disable()
+    try:
+        proxy = await start_proxy([{"name": "raw", "kind": "openai", "base_url": upstream.url}])
+        pool = proxy.service._upstreams.pool("raw")  # type: ignore[union-attr]
+        conn = await pool.acquire()
+        exchange = Exchange()
+        conn.start(exchange, b"POST /v1/x HTTP/1.1\r\nHost: u\r\nContent-Length: 0\r\n\r\n", b"",
+                   False, 0.0)  # fmt: skip
+        while not exchange.finished:
+            await exchange.wait()
+        assert exchange.ended
+        refs = weakref.ref(conn), weakref.ref(exchange)
+        del exchange
+        assert refs[1]() is None  # an ended exchange: no cycle through the connection
+        conn.close()
+        del conn
+        for _ in range(20):
+            if refs[0]() is None:
+                break
+            await asyncio.sleep(0.01)
+        pool.close()
+        assert refs[0]() is None  # closed: parser and connection freed by refcount alone
+    finally:
+        gc.enable()
+        await upstream.stop()

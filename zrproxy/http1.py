@@ -71,6 +71,7 @@ class Exchange:
     """
 
     __slots__ = (
+        "__weakref__",  # the tests check it is freed without the collector
         "_conn",
         "_early",
         "_early_size",
@@ -159,6 +160,7 @@ class Exchange:
         """The handler is done with this exchange before its end: close the connection."""
         conn = self._conn
         self._detach()
+        self._early.clear()
         if conn is not None:
             conn.abandon(self)
 
@@ -237,7 +239,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.loop = loop
         self._pool = pool
         self.transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        # The parser holds our callbacks, so the two form a cycle: cut on close, so a closed
+        # connection is freed by reference counting, not left to the collector.
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._exchange: Exchange | None = None
         self.idle_since = 0.0
         self.last_read = 0.0
@@ -270,6 +274,7 @@ class UpstreamConnection(asyncio.Protocol):
             forget(exc)
         self.closed = True
         self.transport = None
+        self._parser = None
         exchange = self._exchange
         if exchange is not None:
             self._exchange = None
@@ -296,6 +301,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self._refuse(exchange)  # 72: "H"
                 return
         self.last_read = self.loop.time()
+        parser = self._parser
+        if parser is None:
+            return
         pieces = self._pieces
         self._run = _crlf_run(data, self._run)
         head_pending = not exchange.status
@@ -303,7 +311,7 @@ class UpstreamConnection(asyncio.Protocol):
             # httptools hands on a header only once it is whole: count what we feed.
             self._head_fed += len(data)
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             # llhttp's messages are fixed strings; the traceback holds this frame (and
             # `data`) and dies here.
@@ -369,6 +377,8 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is None:
             raise _Anomaly
         parser = self._parser
+        if parser is None:
+            raise _Anomaly
         status = parser.get_status_code()
         if status < 200:
             if status == 101:
