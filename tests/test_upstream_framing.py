@@ -92,6 +92,7 @@ async def _post(client: aiohttp.ClientSession, proxy: RunningProxy) -> tuple[int
         proxy.url + "/v1/chat/completions",
         json={"model": "m", "messages": []},
         headers=proxy.auth(),
+        allow_redirects=False,
     ) as resp:
         try:
             return resp.status, await resp.read()
@@ -237,3 +238,24 @@ async def test_an_answer_before_the_request_was_sent_is_refused(start_proxy: Sta
         assert kinds == 1
     finally:
         await upstream.stop()
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "body"),
+    [
+        (b"HTTP/1.1 301 Moved\r\nLocation: http://elsewhere/\r\nContent-Length: 2\r\n\r\nno",
+         301, b"no"),
+        (b"HTTP/1.1 307 Temporary\r\nLocation: /v1/other\r\nContent-Length: 0\r\n\r\n", 307, b""),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", 204, b""),
+        (b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n", 304, b""),
+    ],
+)  # fmt: skip
+async def test_redirects_are_relayed_never_followed_and_bodiless_answers_end_at_the_head(
+    answer: bytes, status: int, body: bytes, start_proxy: StartProxy
+) -> None:
+    upstream = _script([answer])
+    _, first, second = await _exchange_pair(start_proxy, upstream)
+    assert first == (status, body)
+    assert second == (200, B_BODY)
+    assert len(upstream.requests) == 2  # the Location was not requested
+    assert upstream.requests[1][0] == upstream.requests[0][0]  # and the connection reused
