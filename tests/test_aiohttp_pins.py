@@ -87,3 +87,28 @@ def test_flow_control_flag_follows_pause_and_resume() -> None:
         assert protocol.writing_paused is False
     finally:
         loop.close()
+
+
+async def test_a_streaming_response_head_waits_for_the_first_write() -> None:
+    from zrproxy.streaming import StreamingResponse
+
+    assert web.StreamResponse._send_headers_immediately is True  # what we override
+    written: list[int] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        out = StreamingResponse(headers={"Content-Type": "text/event-stream"})
+        writer = request.writer
+        assert isinstance(writer, StreamWriter)
+        await out.prepare(request)
+        written.append(writer.output_size)  # nothing sent by prepare
+        await out.write(b"data: 1\n\n")
+        written.append(writer.output_size)  # head and chunk together
+        return out
+
+    runner, port = await _serve(web.Server(handler))
+    try:
+        data = await _raw_request(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert data.endswith(b"9\r\ndata: 1\n\n\r\n0\r\n\r\n")
+        assert written[0] == 0 and written[1] > len(b"data: 1\n\n")
+    finally:
+        await runner.cleanup()

@@ -44,7 +44,7 @@ from zrproxy.http1 import Exchange
 from zrproxy.metrics import NONE, Metrics, status_class
 from zrproxy.outcomes import FailureKind, Outcome
 from zrproxy.routing import Router
-from zrproxy.streaming import relay, whole_body
+from zrproxy.streaming import StreamingResponse, relay, whole_body
 from zrproxy.upstream import Upstreams
 from zrproxy.usage import UsageTap
 
@@ -237,7 +237,7 @@ class Proxy:
             ex.outcome = whole.outcome
             ex.response = web.Response(status=upstream.status, headers=headers, body=body)
             return ex.response
-        out = web.StreamResponse(status=upstream.status, headers=headers)
+        out = StreamingResponse(status=upstream.status, headers=headers)
         if not ex.is_sse and upstream.content_length is not None:
             out.content_length = upstream.content_length
         ex.response = out

@@ -44,6 +44,16 @@ from zrproxy.usage import UsageTap
 _JOIN_BELOW = 16 * 1024
 
 
+class StreamingResponse(web.StreamResponse):
+    """A StreamResponse whose head waits for the first body write (as `web.Response`'s
+    does), so the head and the bytes that came with the upstream's head leave in one
+    write: one system call less per stream, and the first byte sooner. The relay's first
+    write comes right after `prepare`, empty if nothing came yet, so no head waits for a
+    slow first chunk. Pinned by tests/test_aiohttp_pins.py."""
+
+    _send_headers_immediately = False
+
+
 @dataclass(slots=True)
 class RelayResult:
     outcome: Outcome
