@@ -43,6 +43,7 @@ MAX_HEAD_BYTES = 64 * 1024  # status line, headers and trailers of one response
 # While nobody consumes the body yet (between the head and the relay starting), reading
 # pauses past this many bytes.
 _EARLY_LIMIT = 256 * 1024
+_JOIN_READS_BELOW = 64 * 1024  # smaller reads go to the client in one write
 _CRLF = b"\r\n"
 _TAIL = 64  # how far back from the end of a read the CR/LF run is looked for at first
 # A head, and a chunked body's last chunk and trailers, end on `<not CR/LF>\r\n\r\n`.
@@ -322,9 +323,15 @@ class UpstreamConnection(asyncio.Protocol):
             self._refuse(exchange)
             return
         if pieces:
-            body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            if len(pieces) == 1 or len(data) > _JOIN_READS_BELOW:
+                # A large read goes on piece by piece: joining would hold a third copy
+                # of it (the read, llhttp's pieces, the join) while the client is slow.
+                for body in pieces:
+                    exchange._body(body)
+            else:
+                body = b"".join(pieces)
+                exchange._body(body)
             pieces.clear()
-            exchange._body(body)
             body = b""
         if self._complete and self._exchange is exchange:
             if not self._ends_exactly():
