@@ -46,7 +46,7 @@ async def memory(ctx: Context) -> dict[str, Any]:
     # A proxy holds two sockets per stream; without CAP_SYS_RESOURCE the fd hard limit
     # (often 20,000 in containers) caps "10k" slightly below 10,000.
     big = min(10_000, (ctx.fd_limit - 256) // 2)
-    sizes = {"500": 500} if ctx.quick else {"500": 500, "10k": big}
+    sizes = {"500": 500} if ctx.quick else {"500": 500, "5k": 5_000, "10k": big}
     results: dict[str, Any] = {}
     for target in ctx.targets:
         results[target.name] = {}

@@ -58,6 +58,8 @@ class ServerConfig:
     total_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
+    # A client that reads nothing for this long while we have bytes for it is closed.
+    send_timeout_s: float = 30.0
     mlock: bool = False
     scrub_memory: bool = False
     workers: int = 1
@@ -105,6 +107,10 @@ class UpstreamConfig:
     zero_data_retention: bool = False
     # The endpoints request_overrides go into (default: OVERRIDE_ENDPOINTS[kind]).
     override_endpoints: tuple[str, ...] = ()
+    # Open connections to this upstream at most; a request waits for a free one at most
+    # pool_timeout_s, then fails over like a refused connection.
+    max_connections: int = 1024
+    pool_timeout_s: float = 5.0
 
     def overrides_for(self, path: str) -> Mapping[str, Any]:
         """The request_overrides for a request to `path` (none where they don't apply)."""
@@ -405,6 +411,7 @@ def _server(table: _Table) -> ServerConfig:
         total_timeout_s=table.take("total_timeout_s", _seconds, d.total_timeout_s),
         drain_timeout_s=table.take("drain_timeout_s", _seconds, d.drain_timeout_s),
         keepalive_timeout_s=table.take("keepalive_timeout_s", _seconds, d.keepalive_timeout_s),
+        send_timeout_s=table.take("send_timeout_s", _seconds, d.send_timeout_s),
         mlock=table.take("mlock", _bool, d.mlock),
         scrub_memory=table.take("scrub_memory", _bool, d.scrub_memory),
         workers=table.take("workers", _positive_int, d.workers),
@@ -456,6 +463,9 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
             raise ConfigError(
                 table.key(f"override_endpoints[{i}]"), f"is not an endpoint of a {kind} upstream"
             )
+    d = UpstreamConfig(name, kind, base_url)
+    max_connections = table.take("max_connections", _positive_int, d.max_connections)
+    pool_timeout_s = table.take("pool_timeout_s", _seconds, d.pool_timeout_s)
     table.finish()
     return UpstreamConfig(
         name,
@@ -468,6 +478,8 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
         header_overrides,
         zdr,
         tuple(endpoints),
+        max_connections=max_connections,
+        pool_timeout_s=pool_timeout_s,
     )
 
 

@@ -340,7 +340,7 @@ def forget(exc: BaseException) -> None:
     garbage collection.
 
     A traceback holds every frame it passed through, and those frames hold their locals:
-    for an aiohttp client error, the request and its body. aiohttp and asyncio build
+    for an upstream connect or parse error, the request and its body. aiohttp and asyncio build
     reference cycles through those frames (a frame's list of errors, each error's
     traceback back to the frame), which refcounting alone never frees. Clearing the
     frames' locals and the tracebacks along the whole chain breaks them.

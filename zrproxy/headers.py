@@ -9,9 +9,10 @@ Never copies a header value into anything but the outgoing request or response.
 from __future__ import annotations
 
 import re
-import secrets
 
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from zrproxy.ids import new_id
 
 # Both directions pass an allowlist: a header nobody listed does not cross, whatever its
 # name. A denylist let the operator's account state (openai-organization, openai-project,
@@ -63,7 +64,7 @@ def request_id(incoming: str | None) -> str:
     """The client's request id when it is well-formed, else a new random one."""
     if incoming is not None and _REQUEST_ID_OK.fullmatch(incoming):
         return incoming
-    return secrets.token_hex(16)
+    return new_id()
 
 
 def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.metrics import MetricWrapperBase
 
 from zrproxy import __version__
+from zrproxy.outcomes import FailureKind
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -23,7 +24,7 @@ M = TypeVar("M", bound=MetricWrapperBase)
 # known (a 401 has no project, a 404 no route, a 502 after every upstream failed no
 # upstream).
 NOT_KNOWN = "none"
-UpstreamErrorKind = Literal["connect", "timeout", "status_429", "status_5xx", "reset"]
+UpstreamErrorKind = FailureKind  # the `kind` label of zrproxy_upstream_errors
 TokenType = Literal["prompt", "cache_read", "cache_creation", "completion", "reasoning"]
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from aiohttp import ClientResponse, web
+from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from zrproxy.audit import RETENTION_HEADER, AuditLog, AuditRecord, RecordingTap, retention_mode
 from zrproxy.auth import Authenticator
@@ -50,18 +51,22 @@ from zrproxy.errors import (
     ZeroRetentionConflict,
 )
 from zrproxy.headers import REQUEST_ID, SSE_HEADERS, client_response_headers, request_id
+from zrproxy.http1 import Exchange
 from zrproxy.limits import Lease, Limits
 from zrproxy.metrics import NOT_KNOWN, Metrics, status_class
+from zrproxy.outcomes import FailureKind, Outcome
 from zrproxy.policy import project_report, to_json
 from zrproxy.retention_rules import conflict, forced_fields, is_storing_endpoint
 from zrproxy.routing import DayClock, Router
-from zrproxy.streaming import relay
+from zrproxy.streaming import StreamingResponse, relay, whole_body
 from zrproxy.upstream import Upstreams
 from zrproxy.upstream_health import UpstreamHealth
 from zrproxy.usage import UsageTap
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MODEL_PREFIX = MODELS_PATH + "/"
+# Statuses whose Location sends the client elsewhere (304 Not Modified is relayed).
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # A customer's view of its project's data handling (zrproxy.policy).
 POLICY_PATH = "/v1/policy"
 # Retry-After of a 503 at a global cap: load of this kind clears within seconds.
@@ -108,6 +113,29 @@ class _Exchange:
     lease: Lease | None = None  # the project's concurrency slot
     stream_slot: bool = False  # counted in limits.streams
     body_reserved: int = 0  # bytes held in limits.bodies
+    outcome: Outcome | None = None  # decided once, by Proxy.handle or the relay's result
+
+
+def _media_type(content_type: bytes) -> bytes:
+    return content_type.partition(b";")[0].strip().lower()
+
+
+def _header_view(raw: list[tuple[bytes, bytes]]) -> CIMultiDictProxy[str]:
+    # latin-1 maps every byte; what the upstream sent is what the client gets.
+    return CIMultiDictProxy(
+        CIMultiDict([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw])
+    )
+
+
+def _failure_outcome(ex: _Exchange, error: ProxyError) -> Outcome:
+    if error.reject_reason is not None:
+        return Outcome.REJECTED
+    started = ex.response is not None and ex.response.prepared
+    return (
+        Outcome.UPSTREAM_FAILED_AFTER_FIRST_BYTE
+        if started
+        else Outcome.UPSTREAM_FAILED_BEFORE_FIRST_BYTE
+    )
 
 
 def _expire(ex: _Exchange, task: asyncio.Task[object]) -> None:
@@ -134,6 +162,7 @@ class Proxy:
         self._idle_timeout = config.server.idle_timeout_s
         self._body_timeout = config.server.body_timeout_s
         self.limits = Limits(config, metrics.set_limits_backend)
+        self._send_timeout = config.server.send_timeout_s
         self._auth = Authenticator(config.projects)
         # "Today" for announced subprocessors (injectable for tests).
         self.clock = clock if clock is not None else DayClock()
@@ -172,30 +201,36 @@ class Proxy:
             if not admitted:
                 raise Overloaded(retry_after_s=_OVERLOAD_RETRY_S)
             if endpoint is not None:
-                return await self._proxy(request, endpoint, ex)
-            if request.path == MODELS_PATH or request.path.startswith(_MODEL_PREFIX):
-                return self._models(request, ex)
-            if request.path == POLICY_PATH:
-                return self._policy(request, ex)
-            if request.path.startswith("/v1/"):
-                # An unknown API path says so only to a caller with a valid key.
-                ex.project = self._auth.authenticate(request.headers).name
-                ex.retention = self._retention[ex.project]
-            if is_storing_endpoint(request.path):
-                raise StoringEndpoint()
-            raise UnknownPath()
+                response = await self._proxy(request, endpoint, ex)
+            elif request.path == MODELS_PATH or request.path.startswith(_MODEL_PREFIX):
+                response = self._models(request, ex)
+            elif request.path == POLICY_PATH:
+                response = self._policy(request, ex)
+            else:
+                if request.path.startswith("/v1/"):
+                    # An unknown API path says so only to a caller with a valid key.
+                    ex.project = self._auth.authenticate(request.headers).name
+                    ex.retention = self._retention[ex.project]
+                if is_storing_endpoint(request.path):
+                    raise StoringEndpoint()
+                raise UnknownPath()
+            ex.outcome = ex.outcome or Outcome.COMPLETED
+            return response
         except ProxyError as exc:
+            ex.outcome = _failure_outcome(ex, exc)
             return await self._fail(request, ex, exc)
         except asyncio.CancelledError:
             # Our own deadlines cancel the handler too; only a client leaving propagates.
             if ex.expired:
                 task.uncancel()
+                ex.outcome = Outcome.DEADLINE
                 late = BodyTimeout() if ex.reading_body else UpstreamTimeout()
                 return await self._fail(request, ex, late)
             if not self._state.drain_expired:
-                self._metrics.child(self._metrics.client_aborts, ex.route).inc()
+                ex.outcome = Outcome.CLIENT_GONE
                 raise
             task.uncancel()
+            ex.outcome = Outcome.DRAIN
             return await self._fail(request, ex, ServiceDraining())
         finally:
             deadline.cancel()
@@ -275,31 +310,46 @@ class Proxy:
         try:
             return await self._respond(request, response, ex)
         finally:
-            response.close()
+            if not response.finished:
+                response.abandon()
 
     async def _respond(
-        self, request: web.BaseRequest, upstream: ClientResponse, ex: _Exchange
+        self, request: web.BaseRequest, upstream: Exchange, ex: _Exchange
     ) -> web.StreamResponse:
-        if 300 <= upstream.status < 400:
+        if upstream.status in _REDIRECTS:
             # Not followed (upstream.py) and not relayed: its Location would send the
             # client, key and prompt included, to a host that is no subprocessor of ours.
             raise UpstreamRedirected()
-        ex.is_sse = upstream.content_type == "text/event-stream"
-        headers = client_response_headers(upstream.headers, ex.rid)
+        ex.is_sse = _media_type(upstream.content_type) == b"text/event-stream"
+        headers = client_response_headers(_header_view(upstream.headers), ex.rid)
         if ex.is_sse:
             headers.update(SSE_HEADERS)
         if ex.retention is not None:
             headers[RETENTION_HEADER] = ex.retention
-        out = web.StreamResponse(status=upstream.status, headers=headers)
+        ex.status = upstream.status
+        if upstream.ended and not ex.is_sse:
+            # All of it is here (most non-streaming answers): one write for head and
+            # body, where a StreamResponse writes its head on its own first. (Streams
+            # stay chunked: their clients and any buffering in between expect it.)
+            body, whole = whole_body(upstream, ex.tap, self._loop.time)
+            ex.bytes_out, ex.chunks = whole.bytes_out, whole.chunks
+            ex.first_byte_at = whole.first_byte_at
+            ex.outcome = whole.outcome
+            if ex.audit is not None:
+                ex.audit.sent(whole.bytes_out)
+            ex.response = web.Response(status=upstream.status, headers=headers, body=body)
+            return ex.response
+        out = StreamingResponse(status=upstream.status, headers=headers)
         if not ex.is_sse and upstream.content_length is not None:
             out.content_length = upstream.content_length
-        ex.status = upstream.status
         ex.response = out
         await out.prepare(request)
         if ex.is_sse:
             self._metrics.open_streams.inc()
         try:
-            result = await relay(upstream.content, out, ex.tap, self._loop.time)
+            result = await relay(
+                upstream, request, out, ex.tap, self._loop.time, self._send_timeout
+            )
         finally:
             if ex.is_sse:
                 self._metrics.open_streams.dec()
@@ -310,13 +360,18 @@ class Proxy:
         )
         if ex.audit is not None:
             ex.audit.sent(result.bytes_out)
-        if result.outcome == "completed":
+        if result.outcome is Outcome.COMPLETED or result.outcome is Outcome.CLIENT_GONE:
+            ex.outcome = result.outcome
             return out
-        if result.outcome == "client_gone":
-            self._metrics.child(self._metrics.client_aborts, ex.route).inc()
+        if result.outcome is Outcome.CLIENT_STALLED:
+            # The client stopped reading: its problem, not the upstream's. Cut it off.
+            ex.outcome = result.outcome
+            if request.transport is not None:
+                request.transport.abort()
             return out
-        self._failed(ex.upstream, "timeout" if result.outcome == "upstream_timeout" else "reset")
-        if result.outcome == "upstream_timeout":
+        kind = result.failure or "reset"
+        self._failed(ex.upstream, kind)
+        if kind == "timeout":
             raise UpstreamTimeout()
         raise UpstreamFailedMidStream()
 
@@ -428,7 +483,7 @@ class Proxy:
             limits.projects.release(ex.lease)
             ex.lease = None
 
-    def _failed(self, upstream: str, kind: str) -> None:
+    def _failed(self, upstream: str, kind: FailureKind) -> None:
         self._metrics.child(self._metrics.upstream_errors, upstream, kind).inc()
         self._health.failed(upstream, kind)
 
@@ -492,7 +547,13 @@ class Proxy:
         ex.audit = None
 
     def _record(self, ex: _Exchange, finished: float) -> None:
+        """Every metric of one request, once, from its outcome and counts."""
         m = self._metrics
+        if ex.outcome is Outcome.CLIENT_GONE or ex.outcome is Outcome.CLIENT_STALLED:
+            m.child(m.client_aborts, ex.route).inc()
+        if ex.outcome is Outcome.CLIENT_STALLED:
+            # It stopped reading past send_timeout_s: the client's fault, not the upstream's.
+            m.child(m.client_errors, "slow_read").inc()
         if not ex.proxied:
             return  # /v1/models and unknown paths are not proxied requests
         status = ex.status or 499

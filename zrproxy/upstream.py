@@ -1,62 +1,76 @@
-"""Connections to upstreams: one pooled session each, and failover before the first byte.
+"""Requests to upstreams: one connection pool each, and failover before the first byte.
 
-Owns the client side of aiohttp. Foreign errors are translated here and dropped:
-`repr()` of aiohttp client errors includes the request headers, i.e. our upstream key.
+Owns the request side of HTTP/1.1 to upstreams (`http1` owns the response side). Foreign
+errors (connect failures, TLS errors) are dropped where they are caught: their text names
+only our own configured hosts, but their tracebacks hold the frames that held the request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-import aiohttp
-from aiohttp import ClientResponse, ClientSession, ClientTimeout, DummyCookieJar, TCPConnector
 from multidict import CIMultiDictProxy
-from yarl import URL
 
 from zrproxy.config import Config, UpstreamConfig
 from zrproxy.dialects import ANTHROPIC_VERSION, ENDPOINTS, UpstreamBodies, auth_headers
-from zrproxy.errors import UpstreamTimeout, UpstreamUnavailable, forget
+from zrproxy.errors import InvalidRequest, UpstreamTimeout, UpstreamUnavailable, forget
 from zrproxy.headers import upstream_request_headers
+from zrproxy.http1 import Exchange
+from zrproxy.outcomes import FailureKind
+from zrproxy.pool import Pool, PoolTimeout
 
-# How much of an upstream response aiohttp buffers before it stops reading the socket
-# (it pauses at 2x this). Small, so a slow client holds little per stream; SSE events
-# are far smaller than this, so it costs no extra reads.
-READ_BUFSIZE = 16 * 1024
-FailureKind = str  # one of metrics.UpstreamErrorKind; kept a plain str to stay a lower layer
+# How long an idle pooled connection is kept (aiohttp's connector used the same).
+KEEPALIVE_S = 30.0
+_FORBIDDEN_IN_HEAD = ("\r", "\n", "\0")
 
 
 @dataclass(slots=True)
 class _Upstream:
     config: UpstreamConfig
-    session: ClientSession
+    pool: Pool
     injected_headers: dict[str, str]
-    urls: dict[str, URL]
+    # Per endpoint: the request line and Host header, precomputed.
+    request_lines: dict[str, bytes]
+
+
+def tls_context(config: UpstreamConfig) -> ssl.SSLContext | None:
+    """The one SSLContext of an https upstream (verification on), or None for http.
+    Custom CAs and client certificates belong here when they become settings."""
+    if not config.base_url.startswith("https://"):
+        return None
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
 
 
 class Upstreams:
-    """The pooled sessions of every configured upstream. Create inside the running loop."""
+    """The connection pools of every configured upstream. Create inside the running loop."""
 
     def __init__(self, config: Config) -> None:
+        self._loop = asyncio.get_running_loop()
         server = config.server
-        self._server = server
+        self._first_byte_timeout = server.first_byte_timeout_s
+        self._idle_timeout = server.idle_timeout_s
         self._by_name: dict[str, _Upstream] = {}
         for upstream in config.upstreams:
-            session = ClientSession(
-                connector=TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300),
-                # total=None: completions may stream for many minutes; we keep our own
-                # deadlines. sock_read covers the wait for response headers here and is
-                # lowered to the idle timeout once they have arrived.
-                timeout=ClientTimeout(
-                    total=None,
-                    sock_connect=server.connect_timeout_s,
-                    sock_read=server.first_byte_timeout_s,
-                ),
-                auto_decompress=False,
-                read_bufsize=READ_BUFSIZE,
-                cookie_jar=DummyCookieJar(),  # an upstream's cookies are state we don't keep
-                trust_env=False,
-                skip_auto_headers=("Accept-Encoding",),
+            url = urlsplit(upstream.base_url)
+            https = url.scheme == "https"
+            host = url.hostname or ""
+            port = url.port or (443 if https else 80)
+            default_port = (https and port == 443) or (not https and port == 80)
+            host_header = url.netloc if not default_port else host
+            if ":" in host and not host_header.startswith("["):  # IPv6 literal
+                host_header = f"[{host}]" if default_port else f"[{host}]:{port}"
+            pool = Pool(
+                host,
+                port,
+                tls_context(upstream),
+                max_connections=upstream.max_connections,
+                pool_timeout_s=upstream.pool_timeout_s,
+                connect_timeout_s=server.connect_timeout_s,
+                keepalive_s=KEEPALIVE_S,
             )
             # Uncompressed from the upstream, so usage can be read as the bytes pass.
             injected = {
@@ -66,13 +80,22 @@ class Upstreams:
                 **auth_headers(upstream.kind, upstream.api_key),
                 "Accept-Encoding": "identity",
             }
-            # Precomputed: a URL built per request would sit in yarl's caches.
-            urls = {path: URL(upstream.base_url + path[3:]) for path in ENDPOINTS}
-            self._by_name[upstream.name] = _Upstream(upstream, session, injected, urls)
+            for name, value in injected.items():
+                if any(c in name or c in value for c in _FORBIDDEN_IN_HEAD):
+                    raise ValueError("upstream header with a line break")  # config checks keys
+            lines = {
+                path: f"POST {url.path}{path[3:]} HTTP/1.1\r\nHost: {host_header}\r\n".encode()
+                for path in ENDPOINTS
+            }
+            self._by_name[upstream.name] = _Upstream(upstream, pool, injected, lines)
+
+    def pool(self, name: str) -> Pool:
+        return self._by_name[name].pool
 
     async def close(self) -> None:
         for upstream in self._by_name.values():
-            await upstream.session.close()
+            upstream.pool.close()
+        await asyncio.sleep(0)  # let the transports report their close
 
     async def open(
         self,
@@ -82,57 +105,92 @@ class Upstreams:
         request_id: str,
         bodies: UpstreamBodies,
         on_failure: Callable[[str, FailureKind], None],
-    ) -> tuple[UpstreamConfig, ClientResponse]:
-        """The first upstream response worth relaying, trying `upstreams` in order.
+    ) -> tuple[UpstreamConfig, Exchange]:
+        """The first upstream response worth relaying, trying `upstreams` in order; its
+        head has arrived, its body is still to be relayed.
 
-        Connect errors, timeouts before the response headers, 429 and 5xx move on to the
-        next upstream (`on_failure(name, kind)` for every failed attempt). When all fail, the last
-        upstream's own 429/5xx response is returned for relaying; without one, raises
-        UpstreamTimeout or UpstreamUnavailable.
+        Connect errors, a full pool (after pool_timeout_s), timeouts and broken responses
+        before the head, 429 and 5xx move on to the next upstream (`on_failure(name, kind)`
+        for every failed attempt). A pooled connection the upstream had closed while idle
+        (reset or EOF before any response byte) gets one retry on a fresh connection, not
+        counted as a failure. When all fail, the last upstream's own 429/5xx response is
+        returned for relaying; without one, raises UpstreamTimeout or UpstreamUnavailable.
         """
         last_kind: FailureKind = "connect"
         for index, config in enumerate(upstreams):
             upstream = self._by_name[config.name]
             is_last = index == len(upstreams) - 1
-            headers = upstream_request_headers(incoming_headers, upstream.injected_headers)
-            headers["X-Request-Id"] = request_id
-            if config.kind == "anthropic" and "anthropic-version" not in headers:
-                headers["anthropic-version"] = ANTHROPIC_VERSION
-            response: ClientResponse | None = None
-            try:
-                response = await upstream.session.post(
-                    upstream.urls[path],
-                    data=bodies.for_upstream(config.kind, config.overrides_for(path)),
-                    headers=headers,
-                    allow_redirects=False,  # a redirect target would be a new subprocessor
-                )
-            except TimeoutError as exc:
-                forget(exc)
-                last_kind = "timeout"
-            except (aiohttp.ClientError, OSError) as exc:
-                forget(exc)
-                last_kind = "connect"
-            if response is None:
+            body = bodies.for_upstream(config.kind, config.overrides_for(path))
+            head = self._head(upstream, path, incoming_headers, request_id, len(body))
+            exchange, kind = await self._attempt(upstream, head, body)
+            if exchange is None or kind is not None:
+                last_kind = kind or "connect"
                 on_failure(config.name, last_kind)
                 continue
-            status = response.status
+            status = exchange.status
             if status == 429 or status >= 500:
                 last_kind = "status_429" if status == 429 else "status_5xx"
                 on_failure(config.name, last_kind)
                 if is_last:
-                    self._to_idle_timeout(response)
-                    return config, response
-                response.close()
+                    return config, exchange
+                exchange.abandon()
                 continue
-            self._to_idle_timeout(response)
-            return config, response
+            return config, exchange
         if last_kind == "timeout":
             raise UpstreamTimeout()
         raise UpstreamUnavailable()
 
-    def _to_idle_timeout(self, response: ClientResponse) -> None:
-        # From here on the socket timeout means "silence between chunks".
-        connection = response.connection
-        if connection is not None and connection.protocol is not None:
-            connection.protocol.read_timeout = self._server.idle_timeout_s
-            connection.protocol.start_timeout()
+    async def _attempt(
+        self, upstream: _Upstream, head: bytes, body: bytes
+    ) -> tuple[Exchange | None, FailureKind | None]:
+        fresh = False
+        while True:
+            try:
+                conn = await upstream.pool.acquire(fresh)
+            except PoolTimeout:
+                return None, "connect"  # like a refused connection: fail over
+            except TimeoutError as exc:
+                forget(exc)
+                return None, "timeout"
+            except OSError as exc:  # refused, unreachable, TLS failures (ssl.SSLError)
+                forget(exc)
+                return None, "connect"
+            exchange = Exchange()
+            conn.start(exchange, head, body, False, self._loop.time())
+            exchange.arm(self._loop, self._first_byte_timeout, self._idle_timeout)
+            try:
+                while not exchange.has_head and exchange.failure is None:
+                    await exchange.wait()
+            except BaseException:
+                exchange.abandon()  # client gone or deadline: the connection can't be reused
+                raise
+            if exchange.failure is None:
+                return exchange, None
+            if exchange.stale and not fresh:
+                fresh = True
+                continue
+            return None, exchange.failure
+
+    def _head(
+        self,
+        upstream: _Upstream,
+        path: str,
+        incoming: CIMultiDictProxy[str],
+        rid: str,
+        body_size: int,
+    ) -> bytes:
+        headers = upstream_request_headers(incoming, upstream.injected_headers)
+        headers["X-Request-Id"] = rid
+        if upstream.config.kind == "anthropic" and "anthropic-version" not in headers:
+            headers["anthropic-version"] = ANTHROPIC_VERSION
+        block = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+        # Our server's parser (llhttp) refuses line breaks in header fields; a field that
+        # still had one would let a client write its own request line upstream.
+        lines = len(headers)
+        if block.count("\n") != lines or block.count("\r") != lines or "\0" in block:
+            raise InvalidRequest()
+        return b"%b%bContent-Length: %d\r\n\r\n" % (
+            upstream.request_lines[path],
+            block.encode("utf-8", "surrogateescape"),
+            body_size,
+        )

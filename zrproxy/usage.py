@@ -52,18 +52,17 @@ TOKEN_TYPES = ("prompt", "cache_read", "cache_creation", "completion", "reasonin
 
 def _object_end(buf: bytes, start: int) -> int:
     """Index just past the JSON object starting at `start` (usage holds no strings with
-    braces), or -1 if it is not complete in `buf`."""
-    depth = 0
+    braces), or -1 if it is not complete in `buf`. Walks from brace to brace with
+    `bytes.find`/`count` (C), not byte by byte."""
     stop = min(len(buf), start + _MAX_USAGE_OBJECT)
-    for i in range(start, stop):
-        c = buf[i]
-        if c == 0x7B:  # {
-            depth += 1
-        elif c == 0x7D:  # }
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return -1 if stop == len(buf) else len(buf)  # too long: give up on this object
+    pos = start
+    while True:
+        end = buf.find(b"}", pos, stop)
+        if end == -1:
+            return -1 if stop == len(buf) else len(buf)  # too long: give up on this object
+        if buf.count(b"{", start, end) == buf.count(b"}", start, end) + 1:
+            return end + 1
+        pos = end + 1
 
 
 class UsageTap:

@@ -1,0 +1,531 @@
+"""HTTP/1.1 to an upstream: one connection's protocol, its response parser (llhttp, through
+httptools) and the framing rules that decide whether the connection may carry another
+request.
+
+# Goals
+The worst failure this proxy can have is one customer's bytes reaching another, and on a
+pooled connection that happens exactly when we and the upstream disagree on where a
+response ends. So a connection goes back to the pool only after a response whose end was
+unambiguous: its Content-Length reached, or its last chunk and trailers, and not one byte
+more. Anything else closes it, and the response it was carrying ends as failed.
+
+# Strategy
+llhttp parses (strictly: no leniencies) and rejects conflicting or invalid lengths, both
+Content-Length and Transfer-Encoding, bad chunk sizes and bare LFs. We add what it allows:
+a Transfer-Encoding other than exactly one `chunked`, a body delimited by closing the
+connection, an oversized head, an upgrade, any response begun before our request left our
+buffer, bytes after the end, and bytes on an idle connection.
+
+llhttp skips CR/LF between messages, so "bytes after the end" made only of CR and LF would
+pass it; any other byte after the end makes it start a message, which we refuse. A
+response ends on a CR/LF run of known length (4 for a head and for a chunked body's last
+chunk and trailers, `<not CR/LF>\r\n\r\n`; the body's own run for Content-Length), so
+we count the run the stream ends with, across reads: the end was exact when the two
+agree. Counting across reads keeps the verdict the same however the bytes were split.
+
+Body bytes of one read are joined and handed on once (one client write per upstream
+read). No futures or tasks per chunk: the handler waits on an `Exchange` only for the
+head, for the end, and when the client's side needs draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+import httptools
+
+from zrproxy.errors import forget
+from zrproxy.outcomes import FailureKind
+
+MAX_HEAD_BYTES = 64 * 1024  # status line, headers and trailers of one response
+# While nobody consumes the body yet (between the head and the relay starting), reading
+# pauses past this many bytes.
+_EARLY_LIMIT = 256 * 1024
+_JOIN_READS_BELOW = 64 * 1024  # smaller reads go to the client in one write
+_CRLF = b"\r\n"
+_TAIL = 64  # how far back from the end of a read the CR/LF run is looked for at first
+# A head, and a chunked body's last chunk and trailers, end on `<not CR/LF>\r\n\r\n`.
+_END_RUN = 4
+Sink = Callable[[bytes], None]
+
+
+class Owner(Protocol):
+    """What a connection tells its pool (`pool.Pool`)."""
+
+    def release(self, conn: UpstreamConnection) -> None: ...
+
+    def lost(self, conn: UpstreamConnection) -> None: ...
+
+
+class _Anomaly(Exception):
+    """Raised inside a parser callback to stop parsing a response we refuse."""
+
+
+class Exchange:
+    """One request on one connection, as its handler sees it.
+
+    The connection calls `_head`, `_body`, `_end` and `_fail`; the handler awaits `wait()`.
+    `failure` is None or the kind of failure; `received` says whether any response byte
+    arrived (the stale-connection retry needs nothing to have arrived).
+    """
+
+    __slots__ = (
+        "__weakref__",  # the tests check it is freed without the collector
+        "_conn",
+        "_early",
+        "_early_size",
+        "_idle_s",
+        "_sink",
+        "_timer",
+        "_waiter",
+        "content_length",
+        "content_type",
+        "ended",
+        "failure",
+        "headers",
+        "received",
+        "reused",
+        "stale",
+        "status",
+    )
+
+    def __init__(self) -> None:
+        self._conn: UpstreamConnection | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._sink: Sink | None = None
+        self._early: list[bytes] = []
+        self._early_size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle_s = 0.0
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_type = b""
+        self.content_length: int | None = None
+        self.ended = False  # the response is complete and every body byte handed on
+        self.failure: FailureKind | None = None
+        self.received = False
+        self.reused = False
+        self.stale = False  # a reused connection closed before any response byte
+
+    # --- for the handler ------------------------------------------------------------------
+
+    @property
+    def has_head(self) -> bool:
+        return self.status != 0
+
+    @property
+    def finished(self) -> bool:
+        return self.ended or self.failure is not None
+
+    async def wait(self) -> None:
+        """Until the next thing the handler must act on: the head, the end, a failure, or
+        (with a sink attached) the client's side asking us to stop until it drains."""
+        if self._conn is None:
+            return
+        waiter = self._waiter = self._conn.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def take_early(self) -> bytes:
+        """The body bytes that arrived before a sink was attached."""
+        early = self._early
+        data = early[0] if len(early) == 1 else b"".join(early)
+        early.clear()
+        self._early_size = 0
+        return data
+
+    def attach(self, sink: Sink) -> None:
+        """From now on body bytes go to `sink` as they are read."""
+        self._sink = sink
+        conn = self._conn
+        if conn is not None:
+            conn.resume()
+
+    def pause(self) -> None:
+        """The client's side is full: stop reading the upstream and wake the handler."""
+        conn = self._conn
+        if conn is not None:
+            conn.pause()
+        self._wake()
+
+    def resume(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.resume()
+
+    def abandon(self) -> None:
+        """The handler is done with this exchange before its end: close the connection."""
+        conn = self._conn
+        self._detach()
+        self._early.clear()
+        if conn is not None:
+            conn.abandon(self)
+
+    def arm(self, loop: asyncio.AbstractEventLoop, first_byte_s: float, idle_s: float) -> None:
+        """One timer for the whole exchange: first_byte_s until the head, then idle_s of
+        silence. It is not moved per read: when it fires, it looks at the last read and,
+        if there was one since, sets itself again for then + idle_s."""
+        self._idle_s = idle_s
+        self._timer = loop.call_at(loop.time() + first_byte_s, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        conn = self._conn
+        if conn is None:
+            return
+        loop = conn.loop
+        now = loop.time()
+        if not self.status:
+            conn.fail("timeout")
+            return
+        if conn.paused or self._sink is None:
+            # The client's side holds us back (its own send timeout covers that), or the
+            # handler has not started relaying yet: not the upstream's silence.
+            due = now + self._idle_s
+        else:
+            due = conn.last_read + self._idle_s
+            if due <= now:
+                conn.fail("timeout")
+                return
+        self._timer = loop.call_at(due, self._on_timer)
+
+    # --- from the connection --------------------------------------------------------------
+
+    def _head(self) -> None:
+        # From the head on, the deadline is idle_s of silence, not what is left of the
+        # first-byte wait (which may be far longer).
+        timer, conn = self._timer, self._conn
+        if timer is not None and conn is not None:
+            timer.cancel()
+            self._timer = conn.loop.call_at(conn.loop.time() + self._idle_s, self._on_timer)
+        self._wake()
+
+    def _body(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink(data)
+            return
+        self._early.append(data)
+        self._early_size += len(data)
+        if self._early_size > _EARLY_LIMIT and self._conn is not None:
+            self._conn.pause()
+
+    def _end(self) -> None:
+        self.ended = True
+        self._detach()
+        self._wake()
+
+    def _fail(self, kind: FailureKind) -> None:
+        if self.failure is None and not self.ended:
+            self.failure = kind
+        self._detach()
+        self._wake()
+
+    def _detach(self) -> None:
+        self._conn = None
+        self._sink = None
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One pooled HTTP/1.1 connection to an upstream; carries one exchange at a time."""
+
+    def __init__(self, pool: Owner, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pool = pool
+        self.transport: asyncio.Transport | None = None
+        # The parser holds our callbacks, so the two form a cycle: cut on close, so a closed
+        # connection is freed by reference counting, not left to the collector.
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self._exchange: Exchange | None = None
+        self.idle_since = 0.0
+        self.last_read = 0.0
+        self.requests = 0  # exchanges started on this connection
+        self.closed = False
+        self._paused = False
+        self._pieces: list[bytes] = []
+        self._run = 0  # how many CR/LF bytes the stream read so far ends with
+        # per response
+        self._head_bytes = 0
+        self._te_count = 0
+        self._te_chunked = False
+        self._content_length: int | None = None
+        self._interim = False
+        self._had_interim = False
+        self._head_fed = 0  # bytes fed while the head was incomplete
+        self._body_run = 0  # the CR/LF run the body so far ends with
+        self._body_other = False  # the body so far has a byte other than CR/LF
+        self._complete = False
+        self._keep_alive = False
+        self._no_body = False
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            forget(exc)
+        self.closed = True
+        self.transport = None
+        self._parser = None
+        exchange = self._exchange
+        if exchange is not None:
+            self._exchange = None
+            if not exchange.received and exchange.reused:
+                exchange.stale = True
+            exchange._fail("reset")
+        self._pool.lost(self)
+
+    def eof_received(self) -> bool:
+        return False  # close; connection_lost ends any exchange in progress
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self._exchange
+        if exchange is None:
+            self.close()  # bytes on an idle connection: not ours to read, never reused
+            return
+        if not exchange.received:
+            exchange.received = True
+            transport = self.transport
+            # The upstream answered before our request left our buffer: whatever it is
+            # answering, it is not all of what we sent.
+            # llhttp skips CR/LF before a status line; others don't: not ours to guess.
+            if (transport is not None and transport.get_write_buffer_size()) or data[0] != 72:
+                self._refuse(exchange)  # 72: "H"
+                return
+        self.last_read = self.loop.time()
+        parser = self._parser
+        if parser is None:
+            return
+        pieces = self._pieces
+        self._run = _crlf_run(data, self._run)
+        head_pending = not exchange.status
+        if head_pending:
+            # httptools hands on a header only once it is whole: count what we feed.
+            self._head_fed += len(data)
+        try:
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # llhttp's messages are fixed strings; the traceback holds this frame (and
+            # `data`) and dies here.
+            forget(exc)
+            self._refuse(exchange)
+            return
+        if head_pending and not exchange.status and self._head_fed > MAX_HEAD_BYTES:
+            self._refuse(exchange)
+            return
+        if pieces:
+            if len(pieces) == 1 or len(data) > _JOIN_READS_BELOW:
+                # A large read goes on piece by piece: joining would hold a third copy
+                # of it (the read, llhttp's pieces, the join) while the client is slow.
+                for body in pieces:
+                    exchange._body(body)
+            else:
+                body = b"".join(pieces)
+                exchange._body(body)
+            pieces.clear()
+            body = b""
+        if self._complete and self._exchange is exchange:
+            if not self._ends_exactly():
+                self._refuse(exchange)
+                return
+            self._exchange = None
+            exchange._end()
+            if self._keep_alive and not self.closed:
+                self._pool.release(self)
+            else:
+                self.close()
+
+    # --- llhttp callbacks (httptools calls these by name) ---------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete or self._exchange is None:
+            raise _Anomaly  # a second response to one request
+        self._head_bytes = 0
+        self._te_count = 0
+        self._te_chunked = False
+        self._content_length = None
+        self._body_run = 0
+        self._body_other = False
+        self._exchange.headers.clear()
+
+    def on_status(self, status: bytes) -> None:
+        self._head_bytes += len(status) + 16
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _Anomaly
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _Anomaly
+        exchange = self._exchange
+        if exchange is None or exchange.status:
+            return  # a trailer: dropped
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            self._te_count += 1
+            self._te_chunked = value.lower() == b"chunked"
+        elif lower == b"content-length":
+            self._content_length = int(value)  # llhttp let through digits only
+        elif lower == b"content-type":
+            exchange.content_type = value
+        exchange.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        exchange = self._exchange
+        if exchange is None:
+            raise _Anomaly
+        parser = self._parser
+        if parser is None:
+            raise _Anomaly
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise _Anomaly  # we never ask to upgrade
+            self._interim = True  # 100/102/103: skipped, the real response follows
+            self._had_interim = True
+            exchange.headers.clear()
+            exchange.content_type = b""
+            return
+        if self._te_count:
+            if self._te_count > 1 or not self._te_chunked:
+                raise _Anomaly  # only exactly one "chunked" is unambiguous
+        elif self._content_length is None and not (self._no_body or status in (204, 304)):
+            raise _Anomaly  # a body delimited by closing: its end can't be told from a cut
+        # After an interim response llhttp skips CR/LF before the next head, where other
+        # parsers may not: such a connection is not reused.
+        self._keep_alive = (
+            parser.should_keep_alive()
+            and parser.get_http_version() == "1.1"
+            and not self._had_interim
+        )
+        exchange.status = status
+        exchange.content_length = None if self._te_count else self._content_length
+        exchange._head()
+        if self._no_body:
+            self._complete = True
+            self._keep_alive = False  # llhttp would read the body the head announces
+
+    def on_body(self, body: bytes) -> None:
+        self._pieces.append(body)
+        if not self._te_count:  # only a Content-Length body's own run is needed
+            run = _crlf_run(body, self._body_run)
+            if run < len(body):
+                self._body_other = True
+            self._body_run = run
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self._complete = True
+
+    # --- for the pool and the exchange ----------------------------------------------------
+
+    def start(
+        self, exchange: Exchange, head: bytes, body: bytes, no_body: bool, now: float
+    ) -> None:
+        """Send one request; the response goes to `exchange`."""
+        exchange.reused = self.requests > 0
+        exchange._conn = self
+        self._exchange = exchange
+        self.requests += 1
+        self._complete = False
+        self._interim = False
+        self._had_interim = False
+        self._head_fed = 0
+        self._no_body = no_body
+        self.last_read = now
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self._exchange = None
+            exchange.stale = exchange.reused
+            exchange._fail("reset")
+            return
+        if len(body) < 16384:
+            transport.write(head + body)
+        else:
+            transport.writelines((head, body))
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def fail(self, kind: FailureKind) -> None:
+        """End the exchange in progress with `kind` and close (deadlines use this)."""
+        exchange = self._exchange
+        self._exchange = None
+        if exchange is not None:
+            exchange._fail(kind)
+        self.close()
+
+    def abandon(self, exchange: Exchange) -> None:
+        if self._exchange is exchange:
+            self._exchange = None
+        self.close()
+
+    def close(self) -> None:
+        transport = self.transport
+        self.closed = True
+        if transport is not None and not transport.is_closing():
+            transport.abort()  # nothing of ours is left to send; don't linger
+
+    # --- framing --------------------------------------------------------------------------
+
+    def _refuse(self, exchange: Exchange) -> None:
+        self._pieces.clear()
+        self._exchange = None
+        exchange._fail("protocol")
+        self.close()
+
+    def _ends_exactly(self) -> bool:
+        """Whether the response that just completed ended at the last byte read.
+
+        Only CR/LF can follow the end unnoticed by llhttp (see the module docstring), so
+        the stream must end on exactly the CR/LF run the response itself ends with.
+        """
+        if self._content_length and not self._te_count and not self._no_body:
+            # A body of only CR/LF continues the head's run.
+            expected = self._body_run if self._body_other else _END_RUN + self._body_run
+        else:
+            expected = _END_RUN
+        return self._run == expected
+
+
+def _crlf_run(data: bytes, before: int) -> int:
+    """The length of the CR/LF run `data` ends with, counting `before` (the run the
+    stream ended with until now) when `data` is nothing but CR/LF."""
+    if data[-1] not in _CRLF:
+        return 0
+    tail = data[-_TAIL:]
+    run = len(tail) - len(tail.rstrip(_CRLF))
+    if run < len(tail):
+        return run
+    if len(data) == len(tail):
+        return before + run
+    run = len(data) - len(data.rstrip(_CRLF))  # a long run: rare, look at all of it
+    return run if run < len(data) else before + run

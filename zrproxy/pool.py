@@ -1,0 +1,194 @@
+"""The connections to one upstream: a capped pool of keep-alive HTTP/1.1 connections.
+
+# Goals
+At most `max_connections` open or opening connections per upstream. A request that finds
+none free waits at most `pool_timeout_s`, then fails like a connect failure (so the
+route fails over): no queue that grows without bound. An idle connection lives at most
+`keepalive_s`; one closed by the upstream while idle is dropped when noticed.
+
+# Strategy
+Idle connections form a stack (the most recently used is warmest and least likely to
+have been closed by the upstream). A connection that comes back goes straight to the
+longest waiter. A closed connection frees its slot for the longest waiter, which then
+connects. One sweep timer per pool runs only while connections are idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+
+from zrproxy.http1 import UpstreamConnection
+
+
+class PoolTimeout(Exception):
+    """No connection became free within pool_timeout_s (content-free)."""
+
+
+class Pool:
+    """One upstream's connections. Create inside the running loop."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        max_connections: int,
+        pool_timeout_s: float,
+        connect_timeout_s: float,
+        keepalive_s: float,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._host = host
+        self._port = port
+        self._ssl = ssl_context
+        self._max = max_connections
+        self._pool_timeout = pool_timeout_s
+        self._connect_timeout = connect_timeout_s
+        self._keepalive = keepalive_s
+        self._idle: list[UpstreamConnection] = []
+        self._all: set[UpstreamConnection] = set()
+        self._count = 0  # open or opening connections, against max_connections
+        # A waiter's future gets a connection, or None: "a slot is yours, connect".
+        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._count
+
+    @property
+    def idle(self) -> int:
+        return sum(1 for conn in self._idle if not conn.closed)
+
+    async def acquire(self, fresh: bool = False) -> UpstreamConnection:
+        """A connection ready for a request: an idle one (unless `fresh`), a new one, or
+        the next one freed. Raises PoolTimeout, TimeoutError (connect) or OSError."""
+        if not fresh:
+            conn = self._pop_idle()
+            if conn is not None:
+                return conn
+        if self._count < self._max:
+            self._count += 1
+            return await self._connect()
+        waiter: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                conn = await waiter
+        except TimeoutError:
+            self._hand_back(waiter)
+            raise PoolTimeout() from None
+        except BaseException:
+            self._hand_back(waiter)
+            raise
+        if conn is None:
+            return await self._connect()  # the slot was counted for us
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """A connection whose last response ended exactly: reuse it."""
+        if self._closed or conn.closed:
+            conn.close()
+            return
+        conn.idle_since = self._loop.time()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(self._keepalive / 2, self._sweep)
+
+    def lost(self, conn: UpstreamConnection) -> None:
+        """`conn` is closed: its slot is free."""
+        if conn in self._all:
+            self._all.discard(conn)
+            self._count -= 1
+            self._grant_slot()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conn in list(self._all):
+            conn.close()
+        self._idle.clear()
+
+    # --- internals ------------------------------------------------------------------------
+
+    async def _connect(self) -> UpstreamConnection:
+        conn = UpstreamConnection(self, self._loop)
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await self._loop.create_connection(
+                    lambda: conn,
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                )
+        except BaseException:
+            self._count -= 1
+            self._grant_slot()
+            conn.close()
+            raise
+        self._all.add(conn)
+        return conn
+
+    def _pop_idle(self) -> UpstreamConnection | None:
+        idle = self._idle
+        if not idle:
+            return None
+        oldest = self._loop.time() - self._keepalive
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if conn.idle_since < oldest:
+                conn.close()
+                continue
+            return conn
+        return None
+
+    def _grant_slot(self) -> None:
+        while self._waiters and self._count < self._max:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._count += 1
+                waiter.set_result(None)
+                return
+
+    def _hand_back(self, waiter: asyncio.Future[UpstreamConnection | None]) -> None:
+        """A waiter gave up; if it was granted something meanwhile, pass that on."""
+        if waiter.cancelled():
+            return
+        if not waiter.done():
+            waiter.cancel()
+            return
+        granted = waiter.result()
+        if granted is None:
+            self._count -= 1
+            self._grant_slot()
+        else:
+            self.release(granted)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        oldest = self._loop.time() - self._keepalive
+        keep: list[UpstreamConnection] = []
+        for conn in self._idle:
+            if conn.closed:
+                continue
+            if conn.idle_since < oldest:
+                conn.close()
+            else:
+                keep.append(conn)
+        self._idle = keep
+        if keep and not self._closed:
+            self._sweeper = self._loop.call_later(self._keepalive / 2, self._sweep)
