@@ -28,6 +28,7 @@ and the only variable parts are names taken from the config (key paths, upstream
         ├── BodyTooLarge             413
         ├── RateLimited              429 a project's limit; carries Retry-After
         ├── UpstreamUnavailable      502
+        ├── UpstreamAuthFailed       502 every upstream refused our provider key (401/403)
         ├── UpstreamRedirected       502
         ├── UpstreamFailedMidStream  502 after the first byte: an SSE error event or a cut
         ├── ServiceDraining          503
@@ -241,6 +242,16 @@ class UpstreamUnavailable(ProxyError):
     error_type = "api_error"
     code = "upstream_unavailable"
     message = "No upstream could serve the request."
+
+
+class UpstreamAuthFailed(ProxyError):
+    """Every upstream refused our provider key (401/403): the operator's fault, never the
+    client's, and never the provider's body (it names the operator's masked key)."""
+
+    status = 502
+    error_type = "api_error"
+    code = "upstream_auth_failed"
+    message = "The upstream refused the proxy's credentials."
 
 
 class UpstreamFailedMidStream(ProxyError):

@@ -10,7 +10,8 @@ from typing import Literal
 
 # How one upstream attempt failed. "protocol": the upstream's bytes broke HTTP framing
 # (or framing we refuse, such as a body delimited by closing the connection).
-FailureKind = Literal["connect", "timeout", "status_429", "status_5xx", "reset", "protocol"]
+# "auth": it refused our provider key (401/403).
+FailureKind = Literal["connect", "timeout", "status_429", "status_5xx", "reset", "protocol", "auth"]
 FAILURE_KINDS: tuple[FailureKind, ...] = (
     "connect",
     "timeout",
@@ -18,6 +19,7 @@ FAILURE_KINDS: tuple[FailureKind, ...] = (
     "status_5xx",
     "reset",
     "protocol",
+    "auth",
 )
 
 

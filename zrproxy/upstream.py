@@ -17,7 +17,13 @@ from multidict import CIMultiDictProxy
 
 from zrproxy.config import Config, UpstreamConfig
 from zrproxy.dialects import ANTHROPIC_VERSION, ENDPOINTS, UpstreamBodies, auth_headers
-from zrproxy.errors import InvalidRequest, UpstreamTimeout, UpstreamUnavailable, forget
+from zrproxy.errors import (
+    InvalidRequest,
+    UpstreamAuthFailed,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    forget,
+)
 from zrproxy.headers import upstream_request_headers
 from zrproxy.http1 import Exchange
 from zrproxy.outcomes import FailureKind
@@ -110,11 +116,13 @@ class Upstreams:
         head has arrived, its body is still to be relayed.
 
         Connect errors, a full pool (after pool_timeout_s), timeouts and broken responses
-        before the head, 429 and 5xx move on to the next upstream (`on_failure(name, kind)`
-        for every failed attempt). A pooled connection the upstream had closed while idle
-        (reset or EOF before any response byte) gets one retry on a fresh connection, not
-        counted as a failure. When all fail, the last upstream's own 429/5xx response is
-        returned for relaying; without one, raises UpstreamTimeout or UpstreamUnavailable.
+        before the head, 401/403 (our key refused), 429 and 5xx move on to the next
+        upstream (`on_failure(name, kind)` for every failed attempt). A pooled connection
+        the upstream had closed while idle (reset or EOF before any response byte) gets
+        one retry on a fresh connection, not counted as a failure. When all fail, the last
+        upstream's own 429/5xx response is returned for relaying; without one, raises
+        UpstreamTimeout, UpstreamAuthFailed (the last refused our key) or
+        UpstreamUnavailable.
         """
         last_kind: FailureKind = "connect"
         for index, config in enumerate(upstreams):
@@ -128,6 +136,13 @@ class Upstreams:
                 on_failure(config.name, last_kind)
                 continue
             status = exchange.status
+            if status in (401, 403):
+                # Our provider key was refused (expired, revoked, wrong): fail over like a
+                # 5xx; never relay the provider's body, which names the operator's key.
+                last_kind = "auth"
+                on_failure(config.name, last_kind)
+                exchange.abandon()
+                continue
             if status == 429 or status >= 500:
                 last_kind = "status_429" if status == 429 else "status_5xx"
                 on_failure(config.name, last_kind)
@@ -138,6 +153,8 @@ class Upstreams:
             return config, exchange
         if last_kind == "timeout":
             raise UpstreamTimeout()
+        if last_kind == "auth":
+            raise UpstreamAuthFailed()
         raise UpstreamUnavailable()
 
     async def _attempt(

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Mock, RunningProxy, StartProxy, kind_for, metric, raw_post
-from tests.fakes import closed_port
+from tests.fakes import FakeUpstreams, closed_port
 from zrproxy.auth import new_key
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
@@ -614,7 +614,7 @@ async def test_total_timeout_mid_stream_is_in_band(
         assert assert_openai_error(json.dumps(doc).encode())["code"] == "upstream_timeout"
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
+@pytest.mark.parametrize("status", [400, 404, 413, 422])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
 async def test_upstream_4xx_passes_through_without_failover(
     mock: Mock,
@@ -644,6 +644,66 @@ async def test_upstream_4xx_passes_through_without_failover(
     assert mock.stats.started == started + 1  # no failover to "second"
     assert await metric(proxy, "zrproxy_failovers_total") == 0
     assert await metric(proxy, "zrproxy_upstream_errors_total") == 0
+
+
+@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_upstream_refusing_our_key_is_502_and_fails_over(
+    mock: Mock,
+    start_proxy: StartProxy,
+    session: aiohttp.ClientSession,
+    marker: str,
+    path: str,
+    status: int,
+) -> None:
+    # Our provider key expired or was revoked: not the client's fault (so not its 401),
+    # never the provider's body (it names the operator's masked key), and like a 5xx the
+    # next upstream is tried.
+    proxy = await start_proxy(
+        [
+            {"name": "first", "kind": kind_for(path), "base_url": mock.url},
+            {"name": "second", "kind": kind_for(path), "base_url": mock.url},
+        ],
+        routes=[
+            {"name": "refused", "model": "mock-e*", "upstreams": ["first"]},
+            {"name": "spare", "model": "*", "upstreams": ["first", "second"]},
+        ],
+    )
+    data = json.dumps({"model": f"mock-e{status}", "messages": [{"role": "user", "content": "x"}]})
+    resp, body = await send(
+        session, "POST", proxy.url + path, marker, data=data, headers=proxy.auth()
+    )
+    assert resp.status == 502
+    error = assert_error(path, body, 502)
+    if path != "/v1/messages":
+        assert error["code"] == "upstream_auth_failed"
+    assert b"mock" not in body.lower()  # nothing of the provider's own error document
+    assert_clean(resp, body, marker)
+    assert await metric(proxy, "zrproxy_upstream_errors_total", upstream="first", kind="auth") == 1
+    assert await metric(proxy, "zrproxy_rejections_total") == 0  # not a client rejection
+
+
+async def test_a_refused_key_fails_over_to_the_next_upstream(
+    mock: Mock, start_proxy: StartProxy, fakes: FakeUpstreams, session: aiohttp.ClientSession
+) -> None:
+    revoked = await fakes.start("revoked")
+    revoked.status = 401
+    revoked.body = b'{"error":{"message":"Incorrect API key provided: sk-proj-****abcd"}}'
+    proxy = await start_proxy(
+        [
+            {"name": "revoked", "kind": "openai", "base_url": revoked.url},
+            {"name": "mock", "kind": "openai", "base_url": mock.url},
+        ]
+    )
+    data = json.dumps({"model": "mock", "messages": [{"role": "user", "content": "x"}]})
+    url = proxy.url + "/v1/chat/completions"
+    resp, body = await send(session, "POST", url, "m", data=data, headers=proxy.auth())
+    assert resp.status == 200 and revoked.hits == 1
+    assert b"abcd" not in body
+    assert (
+        await metric(proxy, "zrproxy_upstream_errors_total", upstream="revoked", kind="auth") == 1
+    )
+    assert await metric(proxy, "zrproxy_failovers_total") == 1
 
 
 async def test_models_lists_ids_the_project_can_pick(
