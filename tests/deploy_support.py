@@ -51,7 +51,7 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "zrproxy_upstream_errors_total": ("counter", frozenset({"upstream", "kind"})),
     "zrproxy_failovers_total": ("counter", frozenset({"route"})),
     "zrproxy_client_aborts_total": ("counter", frozenset({"route"})),
-    "zrproxy_rejections_total": ("counter", frozenset({"reason"})),
+    "zrproxy_rejections_total": ("counter", frozenset({"reason", "project", "route"})),
     "zrproxy_zero_retention_refusals_total": ("counter", frozenset({"field"})),
     "zrproxy_in_flight_requests": ("gauge", frozenset()),
     "zrproxy_open_streams": ("gauge", frozenset()),

@@ -37,7 +37,7 @@ from zrproxy.connection import (
 )
 from zrproxy.errors import StartupError
 from zrproxy.listener import AcceptErrors, PausableSite, fd_connection_cap, listening_socket
-from zrproxy.metrics import Metrics
+from zrproxy.metrics import NOT_KNOWN, Metrics
 from zrproxy.policy import report, to_json
 from zrproxy.proxy import Proxy, ServiceState
 from zrproxy.routing import DayClock
@@ -258,7 +258,9 @@ class Service:
         loop.set_exception_handler(AcceptErrors(self._accept_refused, self._previous_handler))
         self._api_server = _ApiServer(
             self._handle,
-            on_bad_request=self.metrics.child(self.metrics.rejections, "malformed").inc,
+            on_bad_request=self.metrics.child(
+                self.metrics.rejections, "malformed", NOT_KNOWN, NOT_KNOWN
+            ).inc,
             max_connections=max_connections,
             server_config=server,
             **handler_limits(server),

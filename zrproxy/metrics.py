@@ -103,8 +103,8 @@ class Metrics:
         )
         self.rejections = Counter(
             "zrproxy_rejections",
-            "Requests refused by the proxy itself, by reason.",
-            ["reason"],
+            "Requests refused by the proxy itself, by reason (and project and route where known).",
+            ["reason", "project", "route"],
             registry=r,
         )
         self.zero_retention_refusals = Counter(

@@ -493,7 +493,8 @@ class Proxy:
         """A `ProxyError` as the client sees it: a status and error body before the first
         byte; after it, an in-band SSE error event, or a cut connection."""
         if error.reject_reason is not None:
-            self._metrics.child(self._metrics.rejections, error.reject_reason).inc()
+            rejections = self._metrics.rejections
+            self._metrics.child(rejections, error.reject_reason, ex.project, ex.route).inc()
         if error.client_error is not None:
             self._metrics.child(self._metrics.client_errors, error.client_error).inc()
         started = ex.response

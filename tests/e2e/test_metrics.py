@@ -110,7 +110,7 @@ async def test_series_stay_within_the_config_bound(mock: Mock, start_proxy: Star
         "zrproxy_upstream_errors": ups * len(FIXED_ENUMS["kind"]),  # type: ignore[arg-type]
         "zrproxy_failovers": routes_n,
         "zrproxy_client_aborts": routes_n,
-        "zrproxy_rejections": len(FIXED_ENUMS["reason"]),  # type: ignore[arg-type]
+        "zrproxy_rejections": len(FIXED_ENUMS["reason"]) * projects * routes_n,  # type: ignore[arg-type]
         "zrproxy_zero_retention_refusals": len(REFUSAL_FIELDS),
         "zrproxy_in_flight_requests": 1,
         "zrproxy_open_streams": 1,

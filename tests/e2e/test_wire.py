@@ -83,7 +83,13 @@ async def test_endpoint_the_models_upstreams_lack_is_400(
     if "code" in error:
         assert error["code"] == "unsupported_endpoint_for_model"
     assert mock.stats.started == 0  # never sent to a path the upstream doesn't have
-    assert await metric(proxy, "zrproxy_rejections_total", reason="endpoint") == 1
+    # Routed before it was refused: the rejection carries the project and the route.
+    assert (
+        await metric(
+            proxy, "zrproxy_rejections_total", reason="endpoint", project="acme", route="*"
+        )
+        == 1
+    )
 
 
 async def test_failover_skips_upstreams_of_the_other_kind(
@@ -155,6 +161,8 @@ async def test_region_refusal_is_403_and_the_sdk_does_not_retry(
     assert json.loads(info.value.response.text)["type"] == "error"
     # One refusal counted: the SDK did not retry a permanent refusal (it retries 503s).
     assert await metric(proxy, "zrproxy_rejections_total", reason="region") == 1
+    # The refusal names the project it refused (its key was good), not "none".
+    assert await metric(proxy, "zrproxy_rejections_total", reason="region", project="acme") == 1
     assert mock.stats.started == 0
 
 
