@@ -301,9 +301,12 @@ class Proxy:
             self.limits.bodies.release(ex.body_reserved)
             ex.body_reserved = 0
         ex.upstream = upstream.name
-        if response.status < 500 and response.status != 429:
+        served = response.status < 500 and response.status != 429
+        if served:
             self._health.succeeded(upstream.name)
-        if len(upstreams) > 1 and upstream is not upstreams[0]:
+        if served and upstream is not upstreams[0]:
+            # A failover is a request a later upstream served: relaying the last one's
+            # 429/5xx after every upstream failed is no failover.
             self._metrics.child(self._metrics.failovers, ex.route).inc()
         strip = ask_usage and upstream.kind == "openai"
         ex.tap = UsageTap(strip) if ex.audit is None else RecordingTap(ex.audit, strip)

@@ -183,6 +183,8 @@ async def test_all_failing_relays_the_last_upstreams_429(
     assert (
         await metric(proxy, "zrproxy_upstream_errors_total", upstream="b", kind="status_429") == 1
     )
+    # Nobody served it: relaying b's 429 is no failover.
+    assert await metric(proxy, "zrproxy_failovers_total") == 0
     assert (
         await metric(proxy, "zrproxy_requests_total", route="r", upstream="b", status_class="4xx")
         == 1
