@@ -111,6 +111,11 @@ class UpstreamConfig:
     # pool_timeout_s, then fails over like a refused connection.
     max_connections: int = 1024
     pool_timeout_s: float = 5.0
+    # TLS to an https upstream: verification is always on; these add a private CA and a
+    # client certificate (mTLS to private model servers). Paths, checked readable at load.
+    ca_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
 
     def overrides_for(self, path: str) -> Mapping[str, Any]:
         """The request_overrides for a request to `path` (none where they don't apply)."""
@@ -330,6 +335,13 @@ def parse_address(path: str, value: object) -> Address:
     return Address(host, port)
 
 
+def _readable_file(path: str, value: object) -> str:
+    text = _str(path, value)
+    if not os.access(text, os.R_OK) or not os.path.isfile(text):
+        raise ConfigError(path, "is not a readable file")
+    return text
+
+
 def _base_url(path: str, value: object) -> str:
     text = _str(path, value).rstrip("/")
     if not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", text):
@@ -466,6 +478,15 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
     d = UpstreamConfig(name, kind, base_url)
     max_connections = table.take("max_connections", _positive_int, d.max_connections)
     pool_timeout_s = table.take("pool_timeout_s", _seconds, d.pool_timeout_s)
+    ca_file = table.take("ca_file", _readable_file, None)
+    client_cert_file = table.take("client_cert_file", _readable_file, None)
+    client_key_file = table.take("client_key_file", _readable_file, None)
+    if (client_cert_file is None) != (client_key_file is None):
+        raise ConfigError(
+            table.key("client_cert_file"), "needs client_key_file too (and the other way round)"
+        )
+    if not base_url.startswith("https://") and (ca_file or client_cert_file):
+        raise ConfigError(table.key("base_url"), "must be https:// for ca_file or client certs")
     table.finish()
     return UpstreamConfig(
         name,
@@ -480,6 +501,9 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
         tuple(endpoints),
         max_connections=max_connections,
         pool_timeout_s=pool_timeout_s,
+        ca_file=ca_file,
+        client_cert_file=client_cert_file,
+        client_key_file=client_key_file,
     )
 
 

@@ -10,8 +10,10 @@ from typing import Literal
 
 # How one upstream attempt failed. "protocol": the upstream's bytes broke HTTP framing
 # (or framing we refuse, such as a body delimited by closing the connection).
-# "auth": it refused our provider key (401/403).
-FailureKind = Literal["connect", "timeout", "status_429", "status_5xx", "reset", "protocol", "auth"]
+# "auth": it refused our provider key (401/403). "tls": its certificate or handshake.
+FailureKind = Literal[
+    "connect", "timeout", "status_429", "status_5xx", "reset", "protocol", "auth", "tls"
+]
 FAILURE_KINDS: tuple[FailureKind, ...] = (
     "connect",
     "timeout",
@@ -20,6 +22,7 @@ FAILURE_KINDS: tuple[FailureKind, ...] = (
     "reset",
     "protocol",
     "auth",
+    "tls",
 )
 
 

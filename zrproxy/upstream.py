@@ -8,6 +8,7 @@ only our own configured hosts, but their tracebacks hold the frames that held th
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,12 +44,19 @@ class _Upstream:
     request_lines: dict[str, bytes]
 
 
+log = logging.getLogger("zrproxy.upstreams")
+
+
 def tls_context(config: UpstreamConfig) -> ssl.SSLContext | None:
-    """The one SSLContext of an https upstream (verification on), or None for http.
-    Custom CAs and client certificates belong here when they become settings."""
+    """The one SSLContext of an https upstream, or None for http. Verification is always
+    on: `ca_file` replaces the system's CAs (a private model server's), and a client
+    certificate is presented when `client_cert_file`/`client_key_file` are set (mTLS)."""
     if not config.base_url.startswith("https://"):
         return None
-    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.ca_file)
+    if config.client_cert_file is not None:
+        context.load_cert_chain(config.client_cert_file, config.client_key_file)
+    return context
 
 
 class Upstreams:
@@ -60,6 +68,7 @@ class Upstreams:
         self._first_byte_timeout = server.first_byte_timeout_s
         self._idle_timeout = server.idle_timeout_s
         self._by_name: dict[str, _Upstream] = {}
+        self._tls_reasons: set[tuple[str, str]] = set()
         for upstream in config.upstreams:
             url = urlsplit(upstream.base_url)
             https = url.scheme == "https"
@@ -169,7 +178,14 @@ class Upstreams:
             except TimeoutError as exc:
                 forget(exc)
                 return None, "timeout"
-            except OSError as exc:  # refused, unreachable, TLS failures (ssl.SSLError)
+            except ssl.SSLError as exc:
+                # A certificate the upstream's name or our CAs don't vouch for, or a
+                # handshake it refused: logged once per reason (the library's fixed text).
+                reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+                forget(exc)
+                self._tls_failed(upstream.config.name, str(reason or "handshake failed"))
+                return None, "tls"
+            except OSError as exc:  # refused, unreachable
                 forget(exc)
                 return None, "connect"
             exchange = Exchange()
@@ -187,6 +203,11 @@ class Upstreams:
                 fresh = True
                 continue
             return None, exchange.failure
+
+    def _tls_failed(self, upstream: str, reason: str) -> None:
+        if (upstream, reason) not in self._tls_reasons:
+            self._tls_reasons.add((upstream, reason))
+            log.warning("upstream %s: TLS failed (%s)", upstream, reason)
 
     def _head(
         self,

@@ -595,3 +595,20 @@ def test_override_endpoints_must_be_the_kinds_own(path: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(data, {})
     assert info.value.key_path == "upstreams[0].override_endpoints[1]"
+
+
+def test_tls_files_are_checked_at_load(tmp_path: Any) -> None:
+    data = minimal()
+    data["upstreams"][0]["base_url"] = "https://models.internal/v1"
+    data["upstreams"][0]["ca_file"] = str(tmp_path / "missing.pem")
+    assert error_of(data).key_path == "upstreams[0].ca_file"
+    pem = tmp_path / "ca.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n")
+    data["upstreams"][0]["ca_file"] = str(pem)
+    assert parse_config(data, {}).upstreams[0].ca_file == str(pem)
+    data["upstreams"][0]["client_cert_file"] = str(pem)  # without its key
+    assert error_of(data).key_path == "upstreams[0].client_cert_file"
+    data["upstreams"][0]["client_key_file"] = str(pem)
+    assert parse_config(data, {}).upstreams[0].client_key_file == str(pem)
+    data["upstreams"][0]["base_url"] = "http://models.internal/v1"  # no TLS to apply them to
+    assert error_of(data).key_path == "upstreams[0].base_url"
