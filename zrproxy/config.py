@@ -64,6 +64,9 @@ class ServerConfig:
     scrub_memory: bool = False
     workers: int = 1
     log_format: LogFormat = "text"
+    # An HTTP forward proxy every upstream connection goes through (CONNECT), as
+    # "http://HOST:PORT"; an upstream's own egress_proxy wins. None: connect directly.
+    egress_proxy: str | None = None
     # Admission and memory. The defaults fit a 512 MiB pod (the shipped manifest):
     #   ~64 MiB the process itself
     # + max_in_flight 512 x 512 KiB (the per-stream relay bound, README) = 256 MiB
@@ -116,6 +119,8 @@ class UpstreamConfig:
     ca_file: str | None = None
     client_cert_file: str | None = None
     client_key_file: str | None = None
+    # This upstream's forward proxy ("http://HOST:PORT"), over [server] egress_proxy.
+    egress_proxy: str | None = None
 
     def overrides_for(self, path: str) -> Mapping[str, Any]:
         """The request_overrides for a request to `path` (none where they don't apply)."""
@@ -335,6 +340,13 @@ def parse_address(path: str, value: object) -> Address:
     return Address(host, port)
 
 
+def _proxy_url(path: str, value: object) -> str:
+    text = _str(path, value).rstrip("/")
+    if not re.fullmatch(r"http://[^\s/?#@:]+:\d{1,5}", text):
+        raise ConfigError(path, "must be http://HOST:PORT (no credentials, path or query)")
+    return text
+
+
 def _readable_file(path: str, value: object) -> str:
     text = _str(path, value)
     if not os.access(text, os.R_OK) or not os.path.isfile(text):
@@ -424,6 +436,7 @@ def _server(table: _Table) -> ServerConfig:
         drain_timeout_s=table.take("drain_timeout_s", _seconds, d.drain_timeout_s),
         keepalive_timeout_s=table.take("keepalive_timeout_s", _seconds, d.keepalive_timeout_s),
         send_timeout_s=table.take("send_timeout_s", _seconds, d.send_timeout_s),
+        egress_proxy=table.take("egress_proxy", _proxy_url, d.egress_proxy),
         mlock=table.take("mlock", _bool, d.mlock),
         scrub_memory=table.take("scrub_memory", _bool, d.scrub_memory),
         workers=table.take("workers", _positive_int, d.workers),
@@ -481,6 +494,7 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
     ca_file = table.take("ca_file", _readable_file, None)
     client_cert_file = table.take("client_cert_file", _readable_file, None)
     client_key_file = table.take("client_key_file", _readable_file, None)
+    egress_proxy = table.take("egress_proxy", _proxy_url, None)
     if (client_cert_file is None) != (client_key_file is None):
         raise ConfigError(
             table.key("client_cert_file"), "needs client_key_file too (and the other way round)"
@@ -504,6 +518,7 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
         ca_file=ca_file,
         client_cert_file=client_cert_file,
         client_key_file=client_key_file,
+        egress_proxy=egress_proxy,
     )
 
 

@@ -16,6 +16,7 @@ connects. One sweep timer per pool runs only while connections are idle.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections import deque
 
@@ -39,6 +40,7 @@ class Pool:
         pool_timeout_s: float,
         connect_timeout_s: float,
         keepalive_s: float,
+        egress_proxy: tuple[str, int] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._host = host
@@ -48,6 +50,7 @@ class Pool:
         self._pool_timeout = pool_timeout_s
         self._connect_timeout = connect_timeout_s
         self._keepalive = keepalive_s
+        self._egress = egress_proxy
         self._idle: list[UpstreamConnection] = []
         self._all: set[UpstreamConnection] = set()
         self._count = 0  # open or opening connections, against max_connections
@@ -126,13 +129,22 @@ class Pool:
         conn = UpstreamConnection(self, self._loop)
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await self._loop.create_connection(
-                    lambda: conn,
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl is not None else None,
-                )
+                if self._egress is None:
+                    await self._loop.create_connection(
+                        lambda: conn,
+                        self._host,
+                        self._port,
+                        ssl=self._ssl,
+                        server_hostname=self._host if self._ssl is not None else None,
+                    )
+                else:
+                    sock = await self._tunnel(*self._egress)
+                    await self._loop.create_connection(
+                        lambda: conn,
+                        sock=sock,
+                        ssl=self._ssl,
+                        server_hostname=self._host if self._ssl is not None else None,
+                    )
         except BaseException:
             self._count -= 1
             self._grant_slot()
@@ -140,6 +152,36 @@ class Pool:
             raise
         self._all.add(conn)
         return conn
+
+    async def _tunnel(self, proxy_host: str, proxy_port: int) -> socket.socket:
+        """A socket to the upstream through an HTTP forward proxy (CONNECT): every scheme
+        is tunnelled, so TLS runs end to end and the proxy sees only host and port."""
+        infos = await self._loop.getaddrinfo(proxy_host, proxy_port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await self._loop.sock_connect(sock, address)
+            target = f"[{self._host}]" if ":" in self._host else self._host
+            request = (
+                f"CONNECT {target}:{self._port} HTTP/1.1\r\nHost: {target}:{self._port}\r\n\r\n"
+            )
+            await self._loop.sock_sendall(sock, request.encode("ascii"))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                # Byte by byte: nothing past the proxy's answer may be read here, it would
+                # be the upstream's (TLS) bytes.
+                byte = await self._loop.sock_recv(sock, 1)
+                if not byte or len(head) > 8192:
+                    raise ConnectionError("egress proxy closed or answered too much")
+                head += byte
+            status = head.split(b" ", 2)[1:2]
+            if status != [b"200"]:
+                raise ConnectionRefusedError("egress proxy refused the tunnel")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _pop_idle(self) -> UpstreamConnection | None:
         idle = self._idle

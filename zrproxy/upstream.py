@@ -47,6 +47,14 @@ class _Upstream:
 log = logging.getLogger("zrproxy.upstreams")
 
 
+def _host_port(proxy_url: str | None) -> tuple[str, int] | None:
+    """HOST and PORT of an "http://HOST:PORT" egress proxy (config checked the form)."""
+    if proxy_url is None:
+        return None
+    host, _, port = proxy_url.removeprefix("http://").rpartition(":")
+    return host, int(port)
+
+
 def tls_context(config: UpstreamConfig) -> ssl.SSLContext | None:
     """The one SSLContext of an https upstream, or None for http. Verification is always
     on: `ca_file` replaces the system's CAs (a private model server's), and a client
@@ -86,6 +94,7 @@ class Upstreams:
                 pool_timeout_s=upstream.pool_timeout_s,
                 connect_timeout_s=server.connect_timeout_s,
                 keepalive_s=KEEPALIVE_S,
+                egress_proxy=_host_port(upstream.egress_proxy or server.egress_proxy),
             )
             # Uncompressed from the upstream, so usage can be read as the bytes pass.
             injected = {

@@ -1,9 +1,12 @@
 """TLS to upstreams: verification always on, a private CA (`ca_file`), a client
-certificate (mTLS), and a certificate failure counted as kind `tls` with its reason
-logged. The upstream is the bundled mock behind a trustme certificate on loopback."""
+certificate (mTLS), a certificate failure counted as kind `tls` with its reason logged,
+and the egress proxy (CONNECT). The upstream is the bundled mock behind a trustme
+certificate on loopback; the egress proxy a small CONNECT proxy on loopback."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -15,7 +18,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from tests.conftest import StartProxy, metric
+from tests.conftest import Mock, StartProxy, metric
 from zrproxy.mock_upstream import create_mock_app
 
 BODY = {"model": "mock-n2", "messages": [{"role": "user", "content": "hi"}]}
@@ -114,3 +117,88 @@ async def test_mtls_presents_the_client_certificate(
         bare = await start_proxy([{**base, "name": "bare"}])
         status, _ = await _chat(bare.url, bare.key)
         assert status == 502
+
+
+class ConnectProxy:
+    """A small HTTP forward proxy on loopback: CONNECT only, tunnels bytes both ways, and
+    records the targets it was asked for (what an egress proxy logs: host and port)."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.targets: list[str] = []
+        self.refuse = refuse
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ")
+        self.targets.append(f"{method} {target}")
+        if self.refuse or method != "CONNECT":
+            writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            writer.close()
+            return
+        host, port = target.rsplit(":", 1)
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+async def test_every_upstream_connection_goes_through_the_egress_proxy(
+    start_proxy: StartProxy, pem: Callable[[trustme.Blob, str], str], mock: Mock, scheme: str
+) -> None:
+    egress = ConnectProxy()
+    await egress.start()
+    ca = trustme.CA()
+    try:
+        async with tls_mock(ca) as tls_url:
+            if scheme == "https":
+                upstream = {"base_url": tls_url, "ca_file": pem(ca.cert_pem, "ca.pem")}
+                host_port = tls_url.removeprefix("https://").removesuffix("/v1")
+            else:
+                upstream = {"base_url": mock.url}
+                host_port = mock.url.removeprefix("http://").removesuffix("/v1")
+            proxy = await start_proxy(
+                [{"name": "up", "kind": "openai", **upstream}], egress_proxy=egress.url
+            )
+            status, body = await _chat(proxy.url, proxy.key)
+            assert status == 200, body
+            # TLS runs end to end through the tunnel: the proxy saw host and port only.
+            assert egress.targets == [f"CONNECT {host_port}"]
+    finally:
+        await egress.stop()
+
+
+async def test_an_egress_proxy_refusing_the_tunnel_is_a_connect_failure(
+    start_proxy: StartProxy, mock: Mock
+) -> None:
+    egress = ConnectProxy(refuse=True)
+    await egress.start()
+    try:
+        proxy = await start_proxy(
+            [{"name": "up", "kind": "openai", "base_url": mock.url, "egress_proxy": egress.url}]
+        )
+        status, _ = await _chat(proxy.url, proxy.key)
+        assert status == 502
+        assert len(egress.targets) == 1  # the upstream's own egress_proxy was used
+        kinds = await metric(proxy, "zrproxy_upstream_errors_total", upstream="up", kind="connect")
+        assert kinds == 1
+        assert mock.stats.started == 0
+    finally:
+        await egress.stop()

@@ -612,3 +612,26 @@ def test_tls_files_are_checked_at_load(tmp_path: Any) -> None:
     assert parse_config(data, {}).upstreams[0].client_key_file == str(pem)
     data["upstreams"][0]["base_url"] = "http://models.internal/v1"  # no TLS to apply them to
     assert error_of(data).key_path == "upstreams[0].base_url"
+
+
+@pytest.mark.parametrize(
+    "url", ["proxy:3128", "https://proxy:3128", "http://user:pw@proxy:3128", "http://proxy"]
+)
+def test_egress_proxy_must_be_http_host_port(url: str) -> None:
+    data = minimal()
+    data["server"] = {"egress_proxy": url}
+    error = error_of(data)
+    assert error.key_path == "server.egress_proxy"
+    assert "pw" not in str(error)
+    data = minimal()
+    data["upstreams"][0]["egress_proxy"] = url
+    assert error_of(data).key_path == "upstreams[0].egress_proxy"
+
+
+def test_egress_proxy_of_the_upstream_wins() -> None:
+    data = minimal()
+    data["server"] = {"egress_proxy": "http://proxy:3128"}
+    data["upstreams"][0]["egress_proxy"] = "http://other:8080"
+    config = parse_config(data, {})
+    assert config.server.egress_proxy == "http://proxy:3128"
+    assert config.upstreams[0].egress_proxy == "http://other:8080"
