@@ -279,7 +279,7 @@ class Proxy:
         plan = self._router.plan(project, parsed.model)
         ex.route = plan.route.name
         # Only upstreams that speak this endpoint's API: never a path the upstream lacks.
-        upstreams = tuple(u for u in plan.upstreams if u.kind == endpoint.dialect)
+        upstreams = plan.by_dialect.get(endpoint.dialect, ())
         if not upstreams:
             raise UnsupportedEndpoint()
         ex.stream = parsed.stream

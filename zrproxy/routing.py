@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 from zrproxy.config import (
@@ -102,6 +102,14 @@ class Plan:
     # The day from which every upstream here is in use (date.min: already all of them).
     complete_from: datetime.date = datetime.date.min
     refusal: type[NoUpstreamInRegion | ZeroRetentionUnavailable] | None = None
+    # The upstreams above that speak each API (their kind), in the same order: an
+    # endpoint is only ever sent to upstreams of its dialect. Filled in __post_init__.
+    by_dialect: Mapping[str, tuple[UpstreamConfig, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        kinds = dict.fromkeys(u.kind for u in self.upstreams)
+        split = {k: tuple(u for u in self.upstreams if u.kind == k) for k in kinds}
+        object.__setattr__(self, "by_dialect", split)
 
 
 class Router:
