@@ -18,7 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from zrproxy.audit import RETENTION_HEADER, AuditLog, AuditRecord, RecordingTap, retention_mode
 from zrproxy.auth import Authenticator
 from zrproxy.caches import forget_request_urls
-from zrproxy.config import Config
+from zrproxy.config import Config, ProjectConfig
 from zrproxy.dialects import (
     ENDPOINTS,
     MODELS_PATH,
@@ -209,8 +209,7 @@ class Proxy:
             else:
                 if request.path.startswith("/v1/"):
                     # An unknown API path says so only to a caller with a valid key.
-                    ex.project = self._auth.authenticate(request.headers).name
-                    ex.retention = self._retention[ex.project]
+                    self._authenticate(request, ex)
                 if is_storing_endpoint(request.path):
                     raise StoringEndpoint()
                 raise UnknownPath()
@@ -255,9 +254,7 @@ class Proxy:
             raise MethodNotAllowed("POST")
         if self._state.draining:
             raise ServiceDraining()
-        project = self._auth.authenticate(request.headers)
-        ex.project = project.name
-        ex.retention = self._retention[project.name]
+        project = self._authenticate(request, ex)
         if self.limits.projects.limited(project.name):
             ex.lease = await self.limits.projects.admit(project.name)
         if project.audit_log is not None and self._audit is not None:
@@ -433,12 +430,18 @@ class Proxy:
             raise failure
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _models(self, request: web.BaseRequest, ex: _Exchange) -> web.StreamResponse:
-        if request.method not in ("GET", "HEAD"):
-            raise MethodNotAllowed("GET, HEAD")
+    def _authenticate(self, request: web.BaseRequest, ex: _Exchange) -> ProjectConfig:
+        """The caller's project (InvalidAuth otherwise); from here on the exchange names
+        it, and every response says how its data is handled."""
         project = self._auth.authenticate(request.headers)
         ex.project = project.name
         ex.retention = self._retention[project.name]
+        return project
+
+    def _models(self, request: web.BaseRequest, ex: _Exchange) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed("GET, HEAD")
+        project = self._authenticate(request, ex)
         # The Anthropic SDK sends anthropic-version on every call: answer in its format.
         dialect: Dialect = "anthropic" if "anthropic-version" in request.headers else "openai"
         ex.dialect = dialect
@@ -454,21 +457,19 @@ class Proxy:
         return web.Response(
             body=body,
             content_type="application/json",
-            headers={REQUEST_ID: ex.rid, RETENTION_HEADER: ex.retention},
+            headers={REQUEST_ID: ex.rid, RETENTION_HEADER: self._retention[project.name]},
         )
 
     def _policy(self, request: web.BaseRequest, ex: _Exchange) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed("GET, HEAD")
-        project = self._auth.authenticate(request.headers)
-        ex.project = project.name
-        ex.retention = self._retention[project.name]
+        project = self._authenticate(request, ex)
         ex.status = 200
         body = to_json(project_report(self._config, project, self._metrics, self.clock.day()))
         return web.Response(
             body=body,
             content_type="application/json",
-            headers={REQUEST_ID: ex.rid, RETENTION_HEADER: ex.retention},
+            headers={REQUEST_ID: ex.rid, RETENTION_HEADER: self._retention[project.name]},
         )
 
     # --- failures and metrics ---------------------------------------------------------------
