@@ -15,7 +15,12 @@ from urllib.parse import urlsplit
 from zrproxy.config import Config, ProjectConfig, RouteConfig
 
 # Hosts of the real providers: requests there without a key can only fail.
-PROVIDER_HOSTS = ("api.openai.com", "api.anthropic.com")
+PROVIDER_HOSTS = (
+    "api.openai.com",
+    "api.anthropic.com",
+    "openai.azure.com",
+    "cognitiveservices.azure.com",
+)
 # What the proxy appends to base_url; a base_url already ending in one doubles it.
 _ENDPOINT_SUFFIXES = (
     "/chat/completions",
@@ -89,7 +94,15 @@ def _upstreams(config: Config) -> list[ConfigWarning]:
         path = parts.path.rstrip("/")
         key = f"upstreams[{i}].base_url"
         suffix = next((s for s in _ENDPOINT_SUFFIXES if path.endswith(s)), None)
-        if suffix is not None:
+        if upstream.kind == "azure_openai":
+            if "/openai" in path:
+                problem = (
+                    "has an /openai path; for kind azure_openai it is the resource's "
+                    "endpoint (https://RESOURCE.openai.azure.com): the proxy appends "
+                    "/openai/deployments/DEPLOYMENT/..."
+                )
+                found.append(ConfigWarning(key, problem))
+        elif suffix is not None:
             problem = f"ends with the endpoint path {suffix}; the proxy appends it itself"
             found.append(ConfigWarning(key, problem))
         elif not _VERSION_PATH.fullmatch(path):

@@ -22,15 +22,16 @@ from typing import Any, Literal, TypeVar
 import pyrage
 from pyrage import x25519
 
-from zrproxy.dialects import DIALECTS, ENDPOINTS, Dialect
+from zrproxy.dialects import KIND_DIALECT, KIND_ENDPOINTS, KINDS, Dialect, Kind
 from zrproxy.errors import ConfigError, ConfigErrors
 
 # Where an upstream's request_overrides go unless it names its own override_endpoints:
 # the generation endpoints, which take fields such as `store` and `metadata`. Embeddings,
 # moderations and completions reject `store`; Anthropic rejects unknown fields anywhere.
-OVERRIDE_ENDPOINTS: Mapping[Dialect, tuple[str, ...]] = {
+OVERRIDE_ENDPOINTS: Mapping[Kind, tuple[str, ...]] = {
     "openai": ("/v1/chat/completions", "/v1/responses"),
     "anthropic": ("/v1/messages",),
+    "azure_openai": ("/v1/chat/completions",),
 }
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
@@ -96,7 +97,7 @@ class LimitsConfig:
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
-    kind: Dialect
+    kind: Kind
     base_url: str
     api_key_env: str | None = None
     # Resolved from the environment at load time; never printed (repr=False).
@@ -121,6 +122,21 @@ class UpstreamConfig:
     client_key_file: str | None = None
     # This upstream's forward proxy ("http://HOST:PORT"), over [server] egress_proxy.
     egress_proxy: str | None = None
+    # Kind azure_openai only: the api-version query parameter every request carries (the
+    # only query string sent upstream), and model id -> deployment name; a model not
+    # listed goes to the deployment named like the model.
+    api_version: str | None = None
+    deployments: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def dialect(self) -> Dialect:
+        """The API style this upstream speaks."""
+        return KIND_DIALECT[self.kind]
+
+    @property
+    def endpoints(self) -> frozenset[str]:
+        """The client endpoints this upstream serves (its kind's)."""
+        return KIND_ENDPOINTS[self.kind]
 
     def overrides_for(self, path: str) -> Mapping[str, Any]:
         """The request_overrides for a request to `path` (none where they don't apply)."""
@@ -363,6 +379,36 @@ def _base_url(path: str, value: object) -> str:
     return text
 
 
+def _kind(path: str, value: object) -> Kind:
+    text = _str(path, value)
+    for known in KINDS:
+        if text == known:
+            return known
+    raise ConfigError(path, "must be 'openai', 'anthropic' or 'azure_openai'")
+
+
+def _api_version(path: str, value: object) -> str:
+    text = _str(path, value)
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}(-preview)?", text):
+        raise ConfigError(path, "must be a dated Azure api-version: YYYY-MM-DD[-preview]")
+    return text
+
+
+# Azure's deployment names: letters, digits, '.', '_', '-' (they go into the URL path).
+_DEPLOYMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _deployments(path: str, value: object) -> dict[str, str]:
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(path, "must be a table of model ids to deployment names")
+    for model, deployment in value.items():
+        if not isinstance(deployment, str) or not _DEPLOYMENT.fullmatch(deployment):
+            raise ConfigError(
+                f"{path}.{model}", "must be a deployment name (letters, digits, '.', '_', '-')"
+            )
+    return dict(value)
+
+
 def _log_format(path: str, value: object) -> LogFormat:
     text = _str(path, value)
     for known in LOG_FORMATS:
@@ -466,9 +512,7 @@ def _server(table: _Table) -> ServerConfig:
 
 def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
     name = table.require("name", _name)
-    kind = table.require("kind", _str)
-    if kind not in DIALECTS:
-        raise ConfigError(table.key("kind"), "must be 'openai' or 'anthropic'")
+    kind = table.require("kind", _kind)
     base_url = table.require("base_url", _base_url)
     api_key_env = table.take("api_key_env", _env_name, None)
     api_key = None
@@ -483,8 +527,7 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
     zdr = table.take("zero_data_retention", _bool, False)
     endpoints = table.take("override_endpoints", _str_list, OVERRIDE_ENDPOINTS[kind])
     for i, path in enumerate(endpoints):
-        endpoint = ENDPOINTS.get(path)
-        if endpoint is None or endpoint.dialect != kind:
+        if path not in KIND_ENDPOINTS[kind]:
             raise ConfigError(
                 table.key(f"override_endpoints[{i}]"), f"is not an endpoint of a {kind} upstream"
             )
@@ -495,6 +538,17 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
     client_cert_file = table.take("client_cert_file", _readable_file, None)
     client_key_file = table.take("client_key_file", _readable_file, None)
     egress_proxy = table.take("egress_proxy", _proxy_url, None)
+    api_version = table.take("api_version", _api_version, None)
+    deployments = table.take("deployments", _deployments, {})
+    version_bad = any(e.key_path == table.key("api_version") for e in table.errors)
+    if kind == "azure_openai" and api_version is None and not version_bad:
+        raise ConfigError(
+            table.key("api_version"),
+            "is required for kind azure_openai (Azure's dated api-version, e.g. 2024-10-21)",
+        )
+    for azure_key, given in (("api_version", api_version), ("deployments", deployments)):
+        if kind != "azure_openai" and given:
+            raise ConfigError(table.key(azure_key), "applies only to kind azure_openai")
     if (client_cert_file is None) != (client_key_file is None):
         raise ConfigError(
             table.key("client_cert_file"), "needs client_key_file too (and the other way round)"
@@ -519,6 +573,8 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
         client_cert_file=client_cert_file,
         client_key_file=client_key_file,
         egress_proxy=egress_proxy,
+        api_version=api_version,
+        deployments=deployments,
     )
 
 
@@ -539,6 +595,7 @@ _PROTECTED_HEADERS = frozenset(
         "trailer",
         "transfer-encoding",
         "upgrade",
+        "api-key",
         "x-api-key",
         "x-request-id",
     }

@@ -12,12 +12,12 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from multidict import CIMultiDictProxy
 
 from zrproxy.config import Config, UpstreamConfig
-from zrproxy.dialects import ANTHROPIC_VERSION, ENDPOINTS, UpstreamBodies, auth_headers
+from zrproxy.dialects import ANTHROPIC_VERSION, UpstreamBodies, auth_headers
 from zrproxy.errors import (
     InvalidRequest,
     UpstreamAuthFailed,
@@ -40,8 +40,24 @@ class _Upstream:
     config: UpstreamConfig
     pool: Pool
     injected_headers: dict[str, str]
-    # Per endpoint: the request line and Host header, precomputed.
+    # Per endpoint: the request line and Host header, precomputed (Azure: per endpoint
+    # and listed deployment; `azure_line` builds the others).
     request_lines: dict[str, bytes]
+    host_header: str = ""
+
+
+def azure_target(base_path: str, path: str, deployment: str, api_version: str) -> str:
+    """The request target on Azure OpenAI for the client endpoint `path`:
+    /openai/deployments/{deployment}/chat/completions?api-version=... (the one query
+    string the proxy ever sends; a client's is never forwarded)."""
+    return (
+        f"{base_path}/openai/deployments/{quote(deployment, safe='')}{path[3:]}"
+        f"?api-version={api_version}"
+    )
+
+
+def _line(target: str, host_header: str) -> bytes:
+    return f"POST {target} HTTP/1.1\r\nHost: {host_header}\r\n".encode()
 
 
 log = logging.getLogger("zrproxy.upstreams")
@@ -107,11 +123,21 @@ class Upstreams:
             for name, value in injected.items():
                 if any(c in name or c in value for c in _FORBIDDEN_IN_HEAD):
                     raise ValueError("upstream header with a line break")  # config checks keys
-            lines = {
-                path: f"POST {url.path}{path[3:]} HTTP/1.1\r\nHost: {host_header}\r\n".encode()
-                for path in ENDPOINTS
-            }
-            self._by_name[upstream.name] = _Upstream(upstream, pool, injected, lines)
+            if upstream.kind == "azure_openai":
+                assert upstream.api_version is not None  # config requires it
+                lines = {
+                    f"{path} {deployment}": _line(
+                        azure_target(url.path, path, deployment, upstream.api_version),
+                        host_header,
+                    )
+                    for path in upstream.endpoints
+                    for deployment in upstream.deployments.values()
+                }
+            else:
+                lines = {
+                    path: _line(f"{url.path}{path[3:]}", host_header) for path in upstream.endpoints
+                }
+            self._by_name[upstream.name] = _Upstream(upstream, pool, injected, lines, host_header)
 
     def pool(self, name: str) -> Pool:
         return self._by_name[name].pool
@@ -147,7 +173,8 @@ class Upstreams:
             upstream = self._by_name[config.name]
             is_last = index == len(upstreams) - 1
             body = bodies.for_upstream(config.kind, config.overrides_for(path))
-            head = self._head(upstream, path, incoming_headers, request_id, len(body))
+            line = self._request_line(upstream, path, bodies)
+            head = self._head(upstream, line, incoming_headers, request_id, len(body))
             exchange, kind = await self._attempt(upstream, head, body)
             if exchange is None or kind is not None:
                 last_kind = kind or "connect"
@@ -218,10 +245,26 @@ class Upstreams:
             self._tls_reasons.add((upstream, reason))
             log.warning("upstream %s: TLS failed (%s)", upstream, reason)
 
+    @staticmethod
+    def _request_line(upstream: _Upstream, path: str, bodies: UpstreamBodies) -> bytes:
+        config = upstream.config
+        if config.kind != "azure_openai":
+            return upstream.request_lines[path]
+        # The model's listed deployment, else the deployment named like the model.
+        model = bodies.model
+        deployment = config.deployments.get(model, model)
+        line = upstream.request_lines.get(f"{path} {deployment}")
+        if line is not None:
+            return line
+        assert config.api_version is not None
+        base_path = urlsplit(config.base_url).path
+        target = azure_target(base_path, path, deployment, config.api_version)
+        return _line(target, upstream.host_header)
+
     def _head(
         self,
         upstream: _Upstream,
-        path: str,
+        request_line: bytes,
         incoming: CIMultiDictProxy[str],
         rid: str,
         body_size: int,
@@ -237,7 +280,7 @@ class Upstreams:
         if block.count("\n") != lines or block.count("\r") != lines or "\0" in block:
             raise InvalidRequest()
         return b"%b%bContent-Length: %d\r\n\r\n" % (
-            upstream.request_lines[path],
+            request_line,
             block.encode("utf-8", "surrogateescape"),
             body_size,
         )
