@@ -68,6 +68,10 @@ class ServerConfig:
     # An HTTP forward proxy every upstream connection goes through (CONNECT), as
     # "http://HOST:PORT"; an upstream's own egress_proxy wins. None: connect directly.
     egress_proxy: str | None = None
+    # The environment variable holding "USER:PASSWORD" for egress_proxy (never the file),
+    # and its value, resolved at load and never printed (repr=False).
+    egress_proxy_auth_env: str | None = None
+    egress_proxy_auth: str | None = field(default=None, repr=False)
     # Admission and memory. The defaults fit a 512 MiB pod (the shipped manifest):
     #   ~64 MiB the process itself
     # + max_in_flight 512 x 512 KiB (the per-stream relay bound, README) = 256 MiB
@@ -120,8 +124,11 @@ class UpstreamConfig:
     ca_file: str | None = None
     client_cert_file: str | None = None
     client_key_file: str | None = None
-    # This upstream's forward proxy ("http://HOST:PORT"), over [server] egress_proxy.
+    # This upstream's forward proxy ("http://HOST:PORT"), over [server] egress_proxy, and
+    # the environment variable with its "USER:PASSWORD" (resolved, never printed).
     egress_proxy: str | None = None
+    egress_proxy_auth_env: str | None = None
+    egress_proxy_auth: str | None = field(default=None, repr=False)
     # Kind azure_openai only: the api-version query parameter every request carries (the
     # only query string sent upstream), and model id -> deployment name; a model not
     # listed goes to the deployment named like the model.
@@ -358,9 +365,35 @@ def parse_address(path: str, value: object) -> Address:
 
 def _proxy_url(path: str, value: object) -> str:
     text = _str(path, value).rstrip("/")
+    if "@" in text:
+        # Never printed: the part before "@" is a password in a file that gets committed.
+        raise ConfigError(
+            path,
+            "must not carry credentials (USER:PASSWORD@): put them in an environment"
+            " variable and name it in egress_proxy_auth_env",
+        )
     if not re.fullmatch(r"http://[^\s/?#@:]+:\d{1,5}", text):
-        raise ConfigError(path, "must be http://HOST:PORT (no credentials, path or query)")
+        raise ConfigError(path, "must be http://HOST:PORT (no path or query)")
     return text
+
+
+def _proxy_auth(
+    table: _Table, proxy: str | None, environ: Mapping[str, str]
+) -> tuple[str | None, str | None]:
+    """egress_proxy_auth_env of a table and the "USER:PASSWORD" it names (checked for
+    the colon, never printed), for that table's own egress_proxy."""
+    env = table.take("egress_proxy_auth_env", _env_name, None)
+    if env is None:
+        return None, None
+    key = table.key("egress_proxy_auth_env")
+    if proxy is None:
+        raise ConfigError(key, "needs egress_proxy in the same table")
+    value = environ.get(env)
+    if not value:
+        raise ConfigError(key, f"environment variable {env} is not set or empty")
+    if environ is not PLACEHOLDER_ENV and (":" not in value or any(c in value for c in "\r\n")):
+        raise ConfigError(key, f"environment variable {env} must hold USER:PASSWORD")
+    return env, value
 
 
 def _readable_file(path: str, value: object) -> str:
@@ -469,8 +502,10 @@ def _unique(path: str, names: list[str], what: str) -> None:
         seen.add(name)
 
 
-def _server(table: _Table) -> ServerConfig:
+def _server(table: _Table, environ: Mapping[str, str]) -> ServerConfig:
     d = ServerConfig()
+    egress_proxy = table.take("egress_proxy", _proxy_url, d.egress_proxy)
+    egress_auth_env, egress_auth = _proxy_auth(table, egress_proxy, environ)
     server = ServerConfig(
         listen=table.take("listen", parse_address, d.listen),
         admin_listen=table.take("admin_listen", parse_address, d.admin_listen),
@@ -482,7 +517,9 @@ def _server(table: _Table) -> ServerConfig:
         drain_timeout_s=table.take("drain_timeout_s", _seconds, d.drain_timeout_s),
         keepalive_timeout_s=table.take("keepalive_timeout_s", _seconds, d.keepalive_timeout_s),
         send_timeout_s=table.take("send_timeout_s", _seconds, d.send_timeout_s),
-        egress_proxy=table.take("egress_proxy", _proxy_url, d.egress_proxy),
+        egress_proxy=egress_proxy,
+        egress_proxy_auth_env=egress_auth_env,
+        egress_proxy_auth=egress_auth,
         mlock=table.take("mlock", _bool, d.mlock),
         scrub_memory=table.take("scrub_memory", _bool, d.scrub_memory),
         workers=table.take("workers", _positive_int, d.workers),
@@ -538,6 +575,7 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
     client_cert_file = table.take("client_cert_file", _readable_file, None)
     client_key_file = table.take("client_key_file", _readable_file, None)
     egress_proxy = table.take("egress_proxy", _proxy_url, None)
+    egress_auth_env, egress_auth = _proxy_auth(table, egress_proxy, environ)
     api_version = table.take("api_version", _api_version, None)
     deployments = table.take("deployments", _deployments, {})
     version_bad = any(e.key_path == table.key("api_version") for e in table.errors)
@@ -573,6 +611,8 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
         client_cert_file=client_cert_file,
         client_key_file=client_key_file,
         egress_proxy=egress_proxy,
+        egress_proxy_auth_env=egress_auth_env,
+        egress_proxy_auth=egress_auth,
         api_version=api_version,
         deployments=deployments,
     )
@@ -804,7 +844,7 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     except ConfigError as exc:
         found.errors.append(exc)
     else:
-        server = found.table(server_table, _server)
+        server = found.table(server_table, lambda t: _server(t, environ))
     upstreams = tables("upstreams", lambda t: _upstream(t, environ))
     found.check(lambda: _unique("upstreams", [u.name for u in upstreams], "name"))
     names = {u.name for u in upstreams} | _as_written(data, "upstreams", "name")

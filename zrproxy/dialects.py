@@ -140,6 +140,30 @@ def parse_request(body: bytes, default_model: str | None = None) -> ParsedReques
     return ParsedRequest(payload, model, payload.get("stream") is True, wants_usage)
 
 
+# The 404 codes that name something the client chose: OpenAI's unknown model, Azure's
+# unknown deployment (the deployment comes from the model the client asked for).
+_MODEL_404_CODES = frozenset({"model_not_found", "DeploymentNotFound"})
+
+
+def names_a_model(kind: Kind, body: bytes) -> bool:
+    """Whether an upstream's 404 body is its provider's answer about the model the client
+    asked for (relayed), as opposed to its "unknown URL" answer or anything else, which
+    means the endpoint is not where base_url says: OpenAI's code `model_not_found`,
+    Azure's `DeploymentNotFound`, Anthropic's `not_found_error` with a message other
+    than its unknown-path "Not Found" (it says "model: claude-..."). Parsed with the
+    stdlib, then dropped."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        doc = None  # the decode error holds the body: it dies here
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(error, dict):
+        return False
+    if kind == "anthropic":
+        return error.get("type") == "not_found_error" and error.get("message") != "Not Found"
+    return error.get("code") in _MODEL_404_CODES
+
+
 def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """`base` with `overrides` merged in, overrides winning at every depth: nested tables
     are merged key by key, any other value replaces the client's."""

@@ -487,9 +487,9 @@ class Proxy:
             limits.projects.release(ex.lease)
             ex.lease = None
 
-    def _failed(self, upstream: str, kind: FailureKind) -> None:
+    def _failed(self, upstream: str, kind: FailureKind, reason: str | None = None) -> None:
         self._metrics.child(self._metrics.upstream_errors, upstream, kind).inc()
-        self._health.failed(upstream, kind)
+        self._health.failed(upstream, kind, reason)
 
     async def _fail(
         self, request: web.BaseRequest, ex: _Exchange, error: ProxyError

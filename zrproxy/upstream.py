@@ -8,7 +8,6 @@ only our own configured hosts, but their tracebacks hold the frames that held th
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,10 +16,11 @@ from urllib.parse import quote, urlsplit
 from multidict import CIMultiDictProxy
 
 from zrproxy.config import Config, UpstreamConfig
-from zrproxy.dialects import ANTHROPIC_VERSION, UpstreamBodies, auth_headers
+from zrproxy.dialects import ANTHROPIC_VERSION, UpstreamBodies, auth_headers, names_a_model
 from zrproxy.errors import (
     InvalidRequest,
     UpstreamAuthFailed,
+    UpstreamNotFound,
     UpstreamTimeout,
     UpstreamUnavailable,
     forget,
@@ -28,10 +28,18 @@ from zrproxy.errors import (
 from zrproxy.headers import upstream_request_headers
 from zrproxy.http1 import Exchange
 from zrproxy.outcomes import FailureKind
-from zrproxy.pool import Pool, PoolTimeout
+from zrproxy.pool import EgressRefused, Pool, PoolTimeout
 
 # How long an idle pooled connection is kept (aiohttp's connector used the same).
 KEEPALIVE_S = 30.0
+# A provider's error document is small; a 404 body larger than this is no API's answer.
+_MAX_404_BODY = 64 * 1024
+# What the operator is told once per upstream (zrproxy.upstream_health), fixed texts.
+NOT_FOUND_REASON = (
+    "answered 404 for the endpoint path (the provider's unknown-URL answer): check its base_url"
+)
+# (upstream, kind, reason) for every failed attempt; reason is a fixed text or None.
+OnFailure = Callable[[str, FailureKind, str | None], None]
 _FORBIDDEN_IN_HEAD = ("\r", "\n", "\0")
 
 
@@ -58,9 +66,6 @@ def azure_target(base_path: str, path: str, deployment: str, api_version: str) -
 
 def _line(target: str, host_header: str) -> bytes:
     return f"POST {target} HTTP/1.1\r\nHost: {host_header}\r\n".encode()
-
-
-log = logging.getLogger("zrproxy.upstreams")
 
 
 def _host_port(proxy_url: str | None) -> tuple[str, int] | None:
@@ -92,7 +97,6 @@ class Upstreams:
         self._first_byte_timeout = server.first_byte_timeout_s
         self._idle_timeout = server.idle_timeout_s
         self._by_name: dict[str, _Upstream] = {}
-        self._tls_reasons: set[tuple[str, str]] = set()
         for upstream in config.upstreams:
             url = urlsplit(upstream.base_url)
             https = url.scheme == "https"
@@ -111,6 +115,12 @@ class Upstreams:
                 connect_timeout_s=server.connect_timeout_s,
                 keepalive_s=KEEPALIVE_S,
                 egress_proxy=_host_port(upstream.egress_proxy or server.egress_proxy),
+                # Credentials go with the proxy they were configured for.
+                egress_auth=(
+                    upstream.egress_proxy_auth
+                    if upstream.egress_proxy is not None
+                    else server.egress_proxy_auth
+                ),
             )
             # Uncompressed from the upstream, so usage can be read as the bytes pass.
             injected = {
@@ -154,19 +164,20 @@ class Upstreams:
         incoming_headers: CIMultiDictProxy[str],
         request_id: str,
         bodies: UpstreamBodies,
-        on_failure: Callable[[str, FailureKind], None],
+        on_failure: OnFailure,
     ) -> tuple[UpstreamConfig, Exchange]:
         """The first upstream response worth relaying, trying `upstreams` in order; its
         head has arrived, its body is still to be relayed.
 
         Connect errors, a full pool (after pool_timeout_s), timeouts and broken responses
-        before the head, 401/403 (our key refused), 429 and 5xx move on to the next
-        upstream (`on_failure(name, kind)` for every failed attempt). A pooled connection
+        before the head, 401/403 (our key refused), the provider's unknown-URL 404 (a wrong
+        base_url; a 404 about a model is relayed), 429 and 5xx move on to the next
+        upstream (`on_failure(name, kind, reason)` for every failed attempt). A pooled connection
         the upstream had closed while idle (reset or EOF before any response byte) gets
         one retry on a fresh connection, not counted as a failure. When all fail, the last
         upstream's own 429/5xx response is returned for relaying; without one, raises
-        UpstreamTimeout, UpstreamAuthFailed (the last refused our key) or
-        UpstreamUnavailable.
+        UpstreamTimeout, UpstreamAuthFailed (the last refused our key), UpstreamNotFound
+        (the last had no such path) or UpstreamUnavailable.
         """
         last_kind: FailureKind = "connect"
         for index, config in enumerate(upstreams):
@@ -175,22 +186,29 @@ class Upstreams:
             body = bodies.for_upstream(config.kind, config.overrides_for(path))
             line = self._request_line(upstream, path, bodies)
             head = self._head(upstream, line, incoming_headers, request_id, len(body))
-            exchange, kind = await self._attempt(upstream, head, body)
+            exchange, kind, reason = await self._attempt(upstream, head, body)
             if exchange is None or kind is not None:
                 last_kind = kind or "connect"
-                on_failure(config.name, last_kind)
+                on_failure(config.name, last_kind, reason)
                 continue
             status = exchange.status
             if status in (401, 403):
                 # Our provider key was refused (expired, revoked, wrong): fail over like a
                 # 5xx; never relay the provider's body, which names the operator's key.
                 last_kind = "auth"
-                on_failure(config.name, last_kind)
+                on_failure(config.name, last_kind, None)
+                exchange.abandon()
+                continue
+            if status == 404 and await self._unknown_url(config, exchange):
+                # The path is not on that server: our base_url, not the client's request.
+                # Never relayed: OpenAI's answer quotes our upstream request line.
+                last_kind = "not_found"
+                on_failure(config.name, last_kind, NOT_FOUND_REASON)
                 exchange.abandon()
                 continue
             if status == 429 or status >= 500:
                 last_kind = "status_429" if status == 429 else "status_5xx"
-                on_failure(config.name, last_kind)
+                on_failure(config.name, last_kind, None)
                 if is_last:
                     return config, exchange
                 exchange.abandon()
@@ -200,30 +218,50 @@ class Upstreams:
             raise UpstreamTimeout()
         if last_kind == "auth":
             raise UpstreamAuthFailed()
+        if last_kind == "not_found":
+            raise UpstreamNotFound()
         raise UpstreamUnavailable()
+
+    @staticmethod
+    async def _unknown_url(config: UpstreamConfig, exchange: Exchange) -> bool:
+        """Whether a 404 means the endpoint is not at base_url (the provider's unknown-URL
+        answer, or anything but its model-not-found one): its (small) body is read whole
+        first, and stays in the exchange for relaying when the 404 is about the model."""
+        try:
+            while not exchange.finished and exchange.early_size <= _MAX_404_BODY:
+                await exchange.wait()
+        except BaseException:
+            exchange.abandon()
+            raise
+        if exchange.failure is not None or exchange.early_size > _MAX_404_BODY:
+            return True  # cut short, or too large for an API's error document
+        return not names_a_model(config.kind, exchange.peek_early())
 
     async def _attempt(
         self, upstream: _Upstream, head: bytes, body: bytes
-    ) -> tuple[Exchange | None, FailureKind | None]:
+    ) -> tuple[Exchange | None, FailureKind | None, str | None]:
         fresh = False
         while True:
             try:
                 conn = await upstream.pool.acquire(fresh)
             except PoolTimeout:
-                return None, "connect"  # like a refused connection: fail over
+                return None, "connect", None  # like a refused connection: fail over
             except TimeoutError as exc:
                 forget(exc)
-                return None, "timeout"
+                return None, "timeout", None
             except ssl.SSLError as exc:
                 # A certificate the upstream's name or our CAs don't vouch for, or a
                 # handshake it refused: logged once per reason (the library's fixed text).
-                reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+                why = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
                 forget(exc)
-                self._tls_failed(upstream.config.name, str(reason or "handshake failed"))
-                return None, "tls"
+                return None, "tls", f"TLS failed ({why or 'handshake failed'})"
+            except EgressRefused as exc:
+                reason = exc.reason  # our fixed text with the proxy's status code
+                forget(exc)
+                return None, "connect", reason
             except OSError as exc:  # refused, unreachable
                 forget(exc)
-                return None, "connect"
+                return None, "connect", None
             exchange = Exchange()
             conn.start(exchange, head, body, False, self._loop.time())
             exchange.arm(self._loop, self._first_byte_timeout, self._idle_timeout)
@@ -234,16 +272,11 @@ class Upstreams:
                 exchange.abandon()  # client gone or deadline: the connection can't be reused
                 raise
             if exchange.failure is None:
-                return exchange, None
+                return exchange, None, None
             if exchange.stale and not fresh:
                 fresh = True
                 continue
-            return None, exchange.failure
-
-    def _tls_failed(self, upstream: str, reason: str) -> None:
-        if (upstream, reason) not in self._tls_reasons:
-            self._tls_reasons.add((upstream, reason))
-            log.warning("upstream %s: TLS failed (%s)", upstream, reason)
+            return None, exchange.failure, None
 
     @staticmethod
     def _request_line(upstream: _Upstream, path: str, bodies: UpstreamBodies) -> bytes:
