@@ -120,6 +120,12 @@ def _upstreams(config: Config) -> list[ConfigWarning]:
         if parts.scheme == "http" and not _is_loopback(host):
             problem = "plain http:// to a host that is not loopback: prompts cross unencrypted"
             found.append(ConfigWarning(key, problem))
+        if upstream.kind == "azure_openai" and "store" in upstream.request_overrides:
+            problem = (
+                "Azure OpenAI api-versions before stored completions reject 'store' "
+                "(400 Unknown parameter), and Azure stores nothing unless asked: leave it out"
+            )
+            found.append(ConfigWarning(f"upstreams[{i}].request_overrides.store", problem))
         if upstream.kind == "anthropic" and upstream.request_overrides:
             problem = (
                 "Anthropic's Messages API rejects unknown fields: every field here must be "

@@ -57,11 +57,12 @@ class _Upstream:
 def azure_target(base_path: str, path: str, deployment: str, api_version: str) -> str:
     """The request target on Azure OpenAI for the client endpoint `path`:
     /openai/deployments/{deployment}/chat/completions?api-version=... (the one query
-    string the proxy ever sends; a client's is never forwarded)."""
-    return (
-        f"{base_path}/openai/deployments/{quote(deployment, safe='')}{path[3:]}"
-        f"?api-version={api_version}"
-    )
+    string the proxy ever sends; a client's is never forwarded). The deployment is one
+    percent-encoded path segment whatever the model id it came from."""
+    segment = quote(deployment, safe="")
+    if segment in (".", ".."):  # a dot-segment would climb out of /deployments/
+        segment = segment.replace(".", "%2E")
+    return f"{base_path}/openai/deployments/{segment}{path[3:]}?api-version={api_version}"
 
 
 def _line(target: str, host_header: str) -> bytes:

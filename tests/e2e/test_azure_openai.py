@@ -217,3 +217,35 @@ async def test_azure_response_headers_pass_the_allowlist(
     )
     assert fake.last.headers["api-key"] == ENV["AZURE_OPENAI_KEY"]
     assert "authorization" not in {n.lower() for n in fake.last.headers}
+
+
+async def test_a_model_id_goes_into_the_deployment_path_percent_encoded(
+    fakes: FakeUpstreams, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    fake = await fakes.start("azure")
+    proxy = await start_proxy([azure_upstream(fake.url.removesuffix("/v1"))], environ=ENV)
+    for model, segment in [
+        ("../x/chat?api-version=1#", "..%2Fx%2Fchat%3Fapi-version%3D1%23"),
+        ("..", "%2E%2E"),
+    ]:
+        body = {"model": model, "messages": HELLO}
+        async with session.post(
+            proxy.url + "/v1/chat/completions", json=body, headers=proxy.auth()
+        ) as resp:
+            assert resp.status == 200
+        assert fake.last.raw_path == (
+            f"/openai/deployments/{segment}/chat/completions?api-version={API_VERSION}"
+        )
+
+
+async def test_a_zero_retention_request_asking_azure_to_store_is_refused(
+    azure: Mock, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy([azure_upstream(azure.url)], environ=ENV)
+    body = {"model": "gpt-4o", "messages": HELLO, "store": True}
+    async with session.post(
+        proxy.url + "/v1/chat/completions", json=body, headers=proxy.auth()
+    ) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == "zero_retention_conflict"
+    assert azure.stats.started == 0

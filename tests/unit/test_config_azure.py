@@ -3,11 +3,14 @@ endpoints an Azure deployment has, and what check-config says about its base_url
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.processes import to_toml
 from zrproxy.checks import config_warnings
+from zrproxy.cli import main
 from zrproxy.config import parse_config
 from zrproxy.errors import ConfigError, ConfigErrors
 
@@ -108,3 +111,19 @@ def test_check_config_on_azure_base_urls() -> None:
     keyless = parse_config(data(api_key_env=None), {})
     keys = [w.key_path for w in config_warnings(keyless, 4)]
     assert "upstreams[0]" in keys  # a provider host without api_key_env
+
+
+def test_check_config_warns_about_store_on_azure() -> None:
+    config = parse_config(data(request_overrides={"store": False}), ENV)
+    keys = [w.key_path for w in config_warnings(config, 4)]
+    assert "upstreams[0].request_overrides.store" in keys
+
+
+def test_check_config_names_the_missing_api_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(data(api_version=None)))
+    assert main(["check-config", "--no-env", str(path)]) != 0
+    captured = capsys.readouterr()
+    assert "upstreams[0].api_version" in captured.out + captured.err
