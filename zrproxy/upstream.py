@@ -223,14 +223,17 @@ class Upstreams:
             raise UpstreamNotFound()
         raise UpstreamUnavailable()
 
-    @staticmethod
-    async def _unknown_url(config: UpstreamConfig, exchange: Exchange) -> bool:
+    async def _unknown_url(self, config: UpstreamConfig, exchange: Exchange) -> bool:
         """Whether a 404 means the endpoint is not at base_url (the provider's unknown-URL
         answer, or anything but its model-not-found one): its (small) body is read whole
-        first, and stays in the exchange for relaying when the 404 is about the model."""
+        first, within idle_timeout_s, and stays in the exchange for relaying when the 404
+        is about the model."""
         try:
-            while not exchange.finished and exchange.early_size <= _MAX_404_BODY:
-                await exchange.wait()
+            async with asyncio.timeout(self._idle_timeout):
+                while not exchange.finished and exchange.early_size <= _MAX_404_BODY:
+                    await exchange.wait()
+        except TimeoutError:
+            return True  # a body that does not end is no API's error document
         except BaseException:
             exchange.abandon()
             raise

@@ -8,6 +8,7 @@ only that kind's paths."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -170,3 +171,33 @@ async def test_a_wrong_base_url_fails_over_to_the_next_upstream(
     )
     assert wrong_count == 1
     assert await metric(proxy, "zrproxy_failovers_total") == 1
+
+
+async def test_a_404_body_that_never_ends_or_is_huge_is_not_found(
+    fakes: FakeUpstreams, start_proxy: StartProxy, session: aiohttp.ClientSession
+) -> None:
+    async def never_ends(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=404, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(OPENAI_MODEL_404[:20])
+        await asyncio.get_running_loop().create_future()  # the rest never comes
+        return response
+
+    async def huge(_request: web.Request) -> web.Response:
+        # A model-not-found document padded past any API's error size.
+        return answering(OPENAI_MODEL_404[:-1] + b',"pad":"' + b"x" * 100_000 + b'"}')
+
+    slow = await fakes.start("slow", handler=never_ends)
+    big = await fakes.start("big", handler=huge)
+    proxy = await start_proxy(
+        [upstream("openai", slow.url, name="slow"), upstream("openai", big.url, name="big")],
+        idle_timeout_s=0.5,
+    )
+    status, answer = await _chat(proxy.url, proxy.key, session)
+    assert status == 502 and orjson.loads(answer)["error"]["code"] == "upstream_not_found"
+    assert slow.hits == big.hits == 1
+    for name in ("slow", "big"):
+        count = await metric(
+            proxy, "zrproxy_upstream_errors_total", upstream=name, kind="not_found"
+        )
+        assert count == 1, name
