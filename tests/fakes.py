@@ -189,3 +189,48 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# What the real providers answer, for fakes that must sound like them (bodies as sent).
+# A 404 for a path the API does not have: OpenAI quotes the request line back (older
+# deployments: code null; newer: code "unknown_url"), Anthropic and Azure say "not found".
+OPENAI_UNKNOWN_URL_404 = (
+    b'{"error":{"message":"Invalid URL (POST /v1/chat/completionsx)",'
+    b'"type":"invalid_request_error","param":null,"code":null}}'
+)
+OPENAI_UNKNOWN_URL_CODE_404 = (
+    b'{"error":{"type":"invalid_request_error","code":"unknown_url","message":"Unknown '
+    b"request URL: POST /v2/chat/completions. Please check the URL for typos, or see the "
+    b'docs at https://platform.openai.com/docs/api-reference/.","param":null}}'
+)
+ANTHROPIC_UNKNOWN_URL_404 = (
+    b'{"type":"error","error":{"type":"not_found_error","message":"Not Found"}}'
+)
+AZURE_UNKNOWN_URL_404 = b'{"error":{"code":"404","message":"Resource not found"}}'
+# A 404 for a model (or Azure deployment) the account lacks: the client's to fix.
+OPENAI_MODEL_404 = (
+    b'{"error":{"message":"The model `gpt-9` does not exist or you do not have access to '
+    b'it.","type":"invalid_request_error","param":null,"code":"model_not_found"}}'
+)
+ANTHROPIC_MODEL_404 = (
+    b'{"type":"error","error":{"type":"not_found_error","message":"model: claude-9"},'
+    b'"request_id":"req_011CAnthropic404"}'
+)
+AZURE_DEPLOYMENT_404 = (
+    b'{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource '
+    b"does not exist. If you created the deployment within the last 5 minutes, please wait "
+    b'a moment and try again."}}'
+)
+# What an Azure OpenAI resource answers with (names as sent; values made up).
+AZURE_HEADERS = {
+    "apim-request-id": "0b5e6f3c-azure-apim",
+    "x-request-id": "req_azure_abc123",
+    "x-ms-region": "Sweden Central",
+    "x-ms-deployment-name": "operator-gpt4o-deploy",
+    "x-ms-rai-invoked": "true",
+    "azureml-model-session": "d123-20260101000000",
+    "x-ratelimit-remaining-requests": "99",
+    "x-ratelimit-remaining-tokens": "99000",
+    "x-content-type-options": "nosniff",
+    "strict-transport-security": "max-age=31536000; includeSubDomains; preload",
+}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 _READY = r"zrproxy ready: api=(http://\S+) admin=(http://\S+)"
-_MOCK = r"mock upstream listening on (http://\S+)"
+_MOCK = r"mock upstream listening on (https?://\S+)"
 
 
 def _toml_value(value: Any) -> str:
@@ -152,9 +152,12 @@ class Proc:
 
 
 @contextlib.contextmanager
-def mock_process() -> Iterator[Proc]:
-    """The bundled mock as a subprocess; yields once it logged its listening line."""
-    log = LoggedProcess([sys.executable, "-m", "zrproxy.mock_upstream", "--listen", "127.0.0.1:0"])
+def mock_process(*args: str) -> Iterator[Proc]:
+    """The bundled mock as a subprocess (`args` added to its command line, e.g. --kind or
+    --tls-cert); yields once it logged its listening line."""
+    log = LoggedProcess(
+        [sys.executable, "-m", "zrproxy.mock_upstream", "--listen", "127.0.0.1:0", *args]
+    )
     try:
         url = log.wait_for(_MOCK, 30).group(1).rstrip("/")
         yield Proc(log, url if url.endswith("/v1") else url + "/v1")

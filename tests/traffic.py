@@ -17,10 +17,11 @@ import orjson
 from tests.fakes import closed_port
 
 
-def retention_config(mock_url: str, key_sha256: str) -> dict[str, Any]:
-    """Routes that reach every path: failover through a dead upstream, timeouts, 404s."""
+def retention_config(mock_url: str, key_sha256: str, ca_file: str | None = None) -> dict[str, Any]:
+    """Routes that reach every path: failover through a dead upstream, timeouts, 404s.
+    With `ca_file`, the mock is an https:// one whose certificate that CA issued."""
     dead_port = closed_port()
-    return {
+    config = {
         "server": {
             "listen": "127.0.0.1:0",
             "admin_listen": "127.0.0.1:0",
@@ -51,6 +52,11 @@ def retention_config(mock_url: str, key_sha256: str) -> dict[str, Any]:
         ],
         "projects": [{"name": "acme", "key_sha256": [key_sha256]}],
     }
+    if ca_file is not None:
+        for upstream in config["upstreams"]:
+            if upstream["base_url"] == mock_url:
+                upstream["ca_file"] = ca_file
+    return config
 
 
 def _chat(model: str, marker: tuple[str, ...], **extra: Any) -> bytes:

@@ -15,7 +15,12 @@ from urllib.parse import urlsplit
 from zrproxy.config import Config, ProjectConfig, RouteConfig
 
 # Hosts of the real providers: requests there without a key can only fail.
-PROVIDER_HOSTS = ("api.openai.com", "api.anthropic.com")
+PROVIDER_HOSTS = (
+    "api.openai.com",
+    "api.anthropic.com",
+    "openai.azure.com",
+    "cognitiveservices.azure.com",
+)
 # What the proxy appends to base_url; a base_url already ending in one doubles it.
 _ENDPOINT_SUFFIXES = (
     "/chat/completions",
@@ -89,7 +94,15 @@ def _upstreams(config: Config) -> list[ConfigWarning]:
         path = parts.path.rstrip("/")
         key = f"upstreams[{i}].base_url"
         suffix = next((s for s in _ENDPOINT_SUFFIXES if path.endswith(s)), None)
-        if suffix is not None:
+        if upstream.kind == "azure_openai":
+            if "/openai" in path:
+                problem = (
+                    "has an /openai path; for kind azure_openai it is the resource's "
+                    "endpoint (https://RESOURCE.openai.azure.com): the proxy appends "
+                    "/openai/deployments/DEPLOYMENT/..."
+                )
+                found.append(ConfigWarning(key, problem))
+        elif suffix is not None:
             problem = f"ends with the endpoint path {suffix}; the proxy appends it itself"
             found.append(ConfigWarning(key, problem))
         elif not _VERSION_PATH.fullmatch(path):
@@ -107,6 +120,12 @@ def _upstreams(config: Config) -> list[ConfigWarning]:
         if parts.scheme == "http" and not _is_loopback(host):
             problem = "plain http:// to a host that is not loopback: prompts cross unencrypted"
             found.append(ConfigWarning(key, problem))
+        if upstream.kind == "azure_openai" and "store" in upstream.request_overrides:
+            problem = (
+                "Azure OpenAI api-versions before stored completions reject 'store' "
+                "(400 Unknown parameter), and Azure stores nothing unless asked: leave it out"
+            )
+            found.append(ConfigWarning(f"upstreams[{i}].request_overrides.store", problem))
         if upstream.kind == "anthropic" and upstream.request_overrides:
             problem = (
                 "Anthropic's Messages API rejects unknown fields: every field here must be "

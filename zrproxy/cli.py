@@ -114,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the bundled mock upstream on its own, for trying zrproxy out.",
     )
     mock.add_argument("--listen", default="127.0.0.1:9999", help="HOST:PORT to listen on")
+    mock.add_argument(
+        "--kind",
+        choices=mock_upstream.MOCK_KINDS,
+        help="play one provider: answer only its paths (default: every kind's paths)",
+    )
     policy = commands.add_parser(
         "policy",
         help="print what is kept per request and where traffic goes",
@@ -138,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "keygen":
             return _hash_key() if args.hash else _keygen(args.project)
         if args.command == "mock-upstream":
-            return mock_upstream.main(["--listen", args.listen])
+            kind = ["--kind", args.kind] if args.kind else []
+            return mock_upstream.main(["--listen", args.listen, *kind])
         if args.command == "policy":
             return _policy(args.config, args.project, args.format)
         if args.command == "audit":
@@ -313,7 +319,8 @@ async def _serve_config(
 
 
 async def _serve_embedded(changes: dict[str, Any], harden: Callable[[], None]) -> int:
-    mock_runner, mock_url = await mock_upstream.start_mock("127.0.0.1", 0)
+    # The mock plays the embedded config's one upstream kind, openai: its paths only.
+    mock_runner, mock_url = await mock_upstream.start_mock("127.0.0.1", 0, kind="openai")
     key, digest = new_key()
     config = _with(embedded_default(mock_url, bytes.fromhex(digest)), changes)
 

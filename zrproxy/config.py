@@ -22,15 +22,16 @@ from typing import Any, Literal, TypeVar
 import pyrage
 from pyrage import x25519
 
-from zrproxy.dialects import DIALECTS, ENDPOINTS, Dialect
+from zrproxy.dialects import KIND_DIALECT, KIND_ENDPOINTS, KINDS, Dialect, Kind
 from zrproxy.errors import ConfigError, ConfigErrors
 
 # Where an upstream's request_overrides go unless it names its own override_endpoints:
 # the generation endpoints, which take fields such as `store` and `metadata`. Embeddings,
 # moderations and completions reject `store`; Anthropic rejects unknown fields anywhere.
-OVERRIDE_ENDPOINTS: Mapping[Dialect, tuple[str, ...]] = {
+OVERRIDE_ENDPOINTS: Mapping[Kind, tuple[str, ...]] = {
     "openai": ("/v1/chat/completions", "/v1/responses"),
     "anthropic": ("/v1/messages",),
+    "azure_openai": ("/v1/chat/completions",),
 }
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
@@ -67,6 +68,10 @@ class ServerConfig:
     # An HTTP forward proxy every upstream connection goes through (CONNECT), as
     # "http://HOST:PORT"; an upstream's own egress_proxy wins. None: connect directly.
     egress_proxy: str | None = None
+    # The environment variable holding "USER:PASSWORD" for egress_proxy (never the file),
+    # and its value, resolved at load and never printed (repr=False).
+    egress_proxy_auth_env: str | None = None
+    egress_proxy_auth: str | None = field(default=None, repr=False)
     # Admission and memory. The defaults fit a 512 MiB pod (the shipped manifest):
     #   ~64 MiB the process itself
     # + max_in_flight 512 x 512 KiB (the per-stream relay bound, README) = 256 MiB
@@ -96,7 +101,7 @@ class LimitsConfig:
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
-    kind: Dialect
+    kind: Kind
     base_url: str
     api_key_env: str | None = None
     # Resolved from the environment at load time; never printed (repr=False).
@@ -119,8 +124,26 @@ class UpstreamConfig:
     ca_file: str | None = None
     client_cert_file: str | None = None
     client_key_file: str | None = None
-    # This upstream's forward proxy ("http://HOST:PORT"), over [server] egress_proxy.
+    # This upstream's forward proxy ("http://HOST:PORT"), over [server] egress_proxy, and
+    # the environment variable with its "USER:PASSWORD" (resolved, never printed).
     egress_proxy: str | None = None
+    egress_proxy_auth_env: str | None = None
+    egress_proxy_auth: str | None = field(default=None, repr=False)
+    # Kind azure_openai only: the api-version query parameter every request carries (the
+    # only query string sent upstream), and model id -> deployment name; a model not
+    # listed goes to the deployment named like the model.
+    api_version: str | None = None
+    deployments: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def dialect(self) -> Dialect:
+        """The API style this upstream speaks."""
+        return KIND_DIALECT[self.kind]
+
+    @property
+    def endpoints(self) -> frozenset[str]:
+        """The client endpoints this upstream serves (its kind's)."""
+        return KIND_ENDPOINTS[self.kind]
 
     def overrides_for(self, path: str) -> Mapping[str, Any]:
         """The request_overrides for a request to `path` (none where they don't apply)."""
@@ -342,9 +365,35 @@ def parse_address(path: str, value: object) -> Address:
 
 def _proxy_url(path: str, value: object) -> str:
     text = _str(path, value).rstrip("/")
+    if "@" in text:
+        # Never printed: the part before "@" is a password in a file that gets committed.
+        raise ConfigError(
+            path,
+            "must not carry credentials (USER:PASSWORD@): put them in an environment"
+            " variable and name it in egress_proxy_auth_env",
+        )
     if not re.fullmatch(r"http://[^\s/?#@:]+:\d{1,5}", text):
-        raise ConfigError(path, "must be http://HOST:PORT (no credentials, path or query)")
+        raise ConfigError(path, "must be http://HOST:PORT (no path or query)")
     return text
+
+
+def _proxy_auth(
+    table: _Table, proxy: str | None, environ: Mapping[str, str]
+) -> tuple[str | None, str | None]:
+    """egress_proxy_auth_env of a table and the "USER:PASSWORD" it names (checked for
+    the colon, never printed), for that table's own egress_proxy."""
+    env = table.take("egress_proxy_auth_env", _env_name, None)
+    if env is None:
+        return None, None
+    key = table.key("egress_proxy_auth_env")
+    if proxy is None:
+        raise ConfigError(key, "needs egress_proxy in the same table")
+    value = environ.get(env)
+    if not value:
+        raise ConfigError(key, f"environment variable {env} is not set or empty")
+    if environ is not PLACEHOLDER_ENV and (":" not in value or any(c in value for c in "\r\n")):
+        raise ConfigError(key, f"environment variable {env} must hold USER:PASSWORD")
+    return env, value
 
 
 def _readable_file(path: str, value: object) -> str:
@@ -361,6 +410,36 @@ def _base_url(path: str, value: object) -> str:
             path, "must be an http:// or https:// URL without credentials, query or fragment"
         )
     return text
+
+
+def _kind(path: str, value: object) -> Kind:
+    text = _str(path, value)
+    for known in KINDS:
+        if text == known:
+            return known
+    raise ConfigError(path, "must be 'openai', 'anthropic' or 'azure_openai'")
+
+
+def _api_version(path: str, value: object) -> str:
+    text = _str(path, value)
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}(-preview)?", text):
+        raise ConfigError(path, "must be a dated Azure api-version: YYYY-MM-DD[-preview]")
+    return text
+
+
+# Azure's deployment names: letters, digits, '.', '_', '-' (they go into the URL path).
+_DEPLOYMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _deployments(path: str, value: object) -> dict[str, str]:
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(path, "must be a table of model ids to deployment names")
+    for model, deployment in value.items():
+        if not isinstance(deployment, str) or not _DEPLOYMENT.fullmatch(deployment):
+            raise ConfigError(
+                f"{path}.{model}", "must be a deployment name (letters, digits, '.', '_', '-')"
+            )
+    return dict(value)
 
 
 def _log_format(path: str, value: object) -> LogFormat:
@@ -423,8 +502,10 @@ def _unique(path: str, names: list[str], what: str) -> None:
         seen.add(name)
 
 
-def _server(table: _Table) -> ServerConfig:
+def _server(table: _Table, environ: Mapping[str, str]) -> ServerConfig:
     d = ServerConfig()
+    egress_proxy = table.take("egress_proxy", _proxy_url, d.egress_proxy)
+    egress_auth_env, egress_auth = _proxy_auth(table, egress_proxy, environ)
     server = ServerConfig(
         listen=table.take("listen", parse_address, d.listen),
         admin_listen=table.take("admin_listen", parse_address, d.admin_listen),
@@ -436,7 +517,9 @@ def _server(table: _Table) -> ServerConfig:
         drain_timeout_s=table.take("drain_timeout_s", _seconds, d.drain_timeout_s),
         keepalive_timeout_s=table.take("keepalive_timeout_s", _seconds, d.keepalive_timeout_s),
         send_timeout_s=table.take("send_timeout_s", _seconds, d.send_timeout_s),
-        egress_proxy=table.take("egress_proxy", _proxy_url, d.egress_proxy),
+        egress_proxy=egress_proxy,
+        egress_proxy_auth_env=egress_auth_env,
+        egress_proxy_auth=egress_auth,
         mlock=table.take("mlock", _bool, d.mlock),
         scrub_memory=table.take("scrub_memory", _bool, d.scrub_memory),
         workers=table.take("workers", _positive_int, d.workers),
@@ -466,9 +549,7 @@ def _server(table: _Table) -> ServerConfig:
 
 def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
     name = table.require("name", _name)
-    kind = table.require("kind", _str)
-    if kind not in DIALECTS:
-        raise ConfigError(table.key("kind"), "must be 'openai' or 'anthropic'")
+    kind = table.require("kind", _kind)
     base_url = table.require("base_url", _base_url)
     api_key_env = table.take("api_key_env", _env_name, None)
     api_key = None
@@ -483,8 +564,7 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
     zdr = table.take("zero_data_retention", _bool, False)
     endpoints = table.take("override_endpoints", _str_list, OVERRIDE_ENDPOINTS[kind])
     for i, path in enumerate(endpoints):
-        endpoint = ENDPOINTS.get(path)
-        if endpoint is None or endpoint.dialect != kind:
+        if path not in KIND_ENDPOINTS[kind]:
             raise ConfigError(
                 table.key(f"override_endpoints[{i}]"), f"is not an endpoint of a {kind} upstream"
             )
@@ -495,6 +575,18 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
     client_cert_file = table.take("client_cert_file", _readable_file, None)
     client_key_file = table.take("client_key_file", _readable_file, None)
     egress_proxy = table.take("egress_proxy", _proxy_url, None)
+    egress_auth_env, egress_auth = _proxy_auth(table, egress_proxy, environ)
+    api_version = table.take("api_version", _api_version, None)
+    deployments = table.take("deployments", _deployments, {})
+    version_bad = any(e.key_path == table.key("api_version") for e in table.errors)
+    if kind == "azure_openai" and api_version is None and not version_bad:
+        raise ConfigError(
+            table.key("api_version"),
+            "is required for kind azure_openai (Azure's dated api-version, e.g. 2024-10-21)",
+        )
+    for azure_key, given in (("api_version", api_version), ("deployments", deployments)):
+        if kind != "azure_openai" and given:
+            raise ConfigError(table.key(azure_key), "applies only to kind azure_openai")
     if (client_cert_file is None) != (client_key_file is None):
         raise ConfigError(
             table.key("client_cert_file"), "needs client_key_file too (and the other way round)"
@@ -519,6 +611,10 @@ def _upstream(table: _Table, environ: Mapping[str, str]) -> UpstreamConfig:
         client_cert_file=client_cert_file,
         client_key_file=client_key_file,
         egress_proxy=egress_proxy,
+        egress_proxy_auth_env=egress_auth_env,
+        egress_proxy_auth=egress_auth,
+        api_version=api_version,
+        deployments=deployments,
     )
 
 
@@ -539,6 +635,7 @@ _PROTECTED_HEADERS = frozenset(
         "trailer",
         "transfer-encoding",
         "upgrade",
+        "api-key",
         "x-api-key",
         "x-request-id",
     }
@@ -747,7 +844,7 @@ def parse_config(data: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     except ConfigError as exc:
         found.errors.append(exc)
     else:
-        server = found.table(server_table, _server)
+        server = found.table(server_table, lambda t: _server(t, environ))
     upstreams = tables("upstreams", lambda t: _upstream(t, environ))
     found.check(lambda: _unique("upstreams", [u.name for u in upstreams], "name"))
     names = {u.name for u in upstreams} | _as_written(data, "upstreams", "name")

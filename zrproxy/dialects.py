@@ -17,9 +17,18 @@ import orjson
 
 from zrproxy.errors import MalformedJSON, MissingModel, ProxyError
 
-# The API style of a client endpoint and of an upstream (its config `kind`).
+# The API style of a client endpoint, and the one an upstream speaks.
 Dialect = Literal["openai", "anthropic"]
 DIALECTS: tuple[Dialect, ...] = ("openai", "anthropic")
+# An upstream's config `kind`: who serves it. Azure OpenAI speaks OpenAI's dialect on its
+# own paths (/openai/deployments/{deployment}/..., ?api-version=), with its own key header.
+Kind = Literal["openai", "anthropic", "azure_openai"]
+KINDS: tuple[Kind, ...] = ("openai", "anthropic", "azure_openai")
+KIND_DIALECT: Mapping[Kind, Dialect] = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "azure_openai": "openai",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +55,25 @@ ENDPOINTS: Mapping[str, Endpoint] = {
 }
 MODELS_PATH = "/v1/models"
 ANTHROPIC_VERSION = "2023-06-01"
+# The endpoints each kind of upstream serves. Azure OpenAI's deployment API (dated
+# api-versions) has chat completions, completions and embeddings; its Responses API lives
+# only on the v1 API (/openai/v1/responses, no deployment in the path), which is an
+# OpenAI-compatible base URL: configure that as kind "openai". Azure has no moderations.
+KIND_ENDPOINTS: Mapping[Kind, frozenset[str]] = {
+    "openai": frozenset(p for p, e in ENDPOINTS.items() if e.dialect == "openai"),
+    "anthropic": frozenset(p for p, e in ENDPOINTS.items() if e.dialect == "anthropic"),
+    "azure_openai": frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}),
+}
+# Whether the fields the proxy forces on zero-retention requests (`store: false`) go to
+# this kind. Azure OpenAI rejects `store` on api-versions that predate stored completions
+# ("Unknown parameter: 'store'") and stores a completion only when asked (`store: true`,
+# which zero-retention projects are refused before routing): it gets the body without it.
+SENDS_FORCED_FIELDS: Mapping[Kind, bool] = {
+    "openai": True,
+    "anthropic": True,
+    "azure_openai": False,
+}
+_NO_FIELDS: Mapping[str, Any] = {}
 
 
 def error_body(dialect: Dialect, error: ProxyError) -> bytes:
@@ -110,6 +138,30 @@ def parse_request(body: bytes, default_model: str | None = None) -> ParsedReques
     options = payload.get("stream_options")
     wants_usage = isinstance(options, dict) and options.get("include_usage") is True
     return ParsedRequest(payload, model, payload.get("stream") is True, wants_usage)
+
+
+# The 404 codes that name something the client chose: OpenAI's unknown model, Azure's
+# unknown deployment (the deployment comes from the model the client asked for).
+_MODEL_404_CODES = frozenset({"model_not_found", "DeploymentNotFound"})
+
+
+def names_a_model(kind: Kind, body: bytes) -> bool:
+    """Whether an upstream's 404 body is its provider's answer about the model the client
+    asked for (relayed), as opposed to its "unknown URL" answer or anything else, which
+    means the endpoint is not where base_url says: OpenAI's code `model_not_found`,
+    Azure's `DeploymentNotFound`, Anthropic's `not_found_error` with a message other
+    than its unknown-path "Not Found" (it says "model: claude-..."). Parsed with the
+    stdlib, then dropped."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        doc = None  # the decode error holds the body: it dies here
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(error, dict):
+        return False
+    if kind == "anthropic":
+        return error.get("type") == "not_found_error" and error.get("message") != "Not Found"
+    return error.get("code") in _MODEL_404_CODES
 
 
 def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -186,11 +238,20 @@ class UpstreamBodies:
         # The client already sent them so: its bytes can go as they are.
         self._forced_as_sent = _is_set(request.payload, self._forced)
 
-    def for_upstream(self, kind: Dialect, overrides: Mapping[str, Any]) -> bytes:
-        ask_usage = self._ask_usage and kind == "openai"
-        forced = self._forced
+    @property
+    def model(self) -> str:
+        """The model the upstream is asked for (the route's upstream_model, else the
+        client's): Azure's deployment is looked up by it."""
+        if self._upstream_model is not None:
+            return self._upstream_model
+        assert self._request is not None, "body used after clear()"
+        return self._request.model
+
+    def for_upstream(self, kind: Kind, overrides: Mapping[str, Any]) -> bytes:
+        ask_usage = self._ask_usage and KIND_DIALECT[kind] == "openai"
+        forced = self._forced if SENDS_FORCED_FIELDS[kind] else _NO_FIELDS
         if not overrides and self._upstream_model is None and not ask_usage:
-            if self._forced_as_sent:
+            if self._forced_as_sent or not forced:
                 return self._body
             assert self._request is not None, "body used after clear()"
             if not any(key in self._request.payload for key in forced):
@@ -237,12 +298,15 @@ def model_object(dialect: Dialect, model_id: str) -> bytes:
     return orjson.dumps(_model_object(dialect, model_id))
 
 
-def auth_headers(kind: Dialect, api_key: str | None) -> dict[str, str]:
+def auth_headers(kind: Kind, api_key: str | None) -> dict[str, str]:
     """The headers that carry an upstream's own credentials, in its kind's style."""
     headers: dict[str, str] = {}
     if kind == "anthropic":
         if api_key:
             headers["x-api-key"] = api_key
+    elif kind == "azure_openai":
+        if api_key:
+            headers["api-key"] = api_key
     elif api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     return headers

@@ -29,6 +29,7 @@ and the only variable parts are names taken from the config (key paths, upstream
         ├── RateLimited              429 a project's limit; carries Retry-After
         ├── UpstreamUnavailable      502
         ├── UpstreamAuthFailed       502 every upstream refused our provider key (401/403)
+        ├── UpstreamNotFound         502 every upstream said the endpoint is not at base_url
         ├── UpstreamRedirected       502
         ├── UpstreamFailedMidStream  502 after the first byte: an SSE error event or a cut
         ├── ServiceDraining          503
@@ -252,6 +253,17 @@ class UpstreamAuthFailed(ProxyError):
     error_type = "api_error"
     code = "upstream_auth_failed"
     message = "The upstream refused the proxy's credentials."
+
+
+class UpstreamNotFound(ProxyError):
+    """Every upstream answered its "unknown URL" 404: the endpoint is not where base_url
+    says (the operator's config), never the client's fault, and the provider's body (it
+    quotes our upstream request line) is not relayed."""
+
+    status = 502
+    error_type = "api_error"
+    code = "upstream_not_found"
+    message = "The upstream does not serve this endpoint at its configured address."
 
 
 class UpstreamFailedMidStream(ProxyError):

@@ -130,6 +130,18 @@ class Exchange:
         finally:
             self._waiter = None
 
+    @property
+    def early_size(self) -> int:
+        """Body bytes held since the head, for a handler with no sink attached."""
+        return self._early_size
+
+    def peek_early(self) -> bytes:
+        """The body bytes held so far, left in place for `take_early` or a sink."""
+        early = self._early
+        if len(early) > 1:
+            early[:] = [b"".join(early)]
+        return early[0] if early else b""
+
     def take_early(self) -> bytes:
         """The body bytes that arrived before a sink was attached."""
         early = self._early
@@ -213,6 +225,7 @@ class Exchange:
         self._early_size += len(data)
         if self._early_size > _EARLY_LIMIT and self._conn is not None:
             self._conn.pause()
+            self._wake()  # a handler waiting for the end without a sink (a 404's body)
 
     def _end(self) -> None:
         self.ended = True

@@ -12,8 +12,10 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -25,11 +27,24 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from zrproxy.mock_wire import BUILDERS, JSON, MODELS_BODY, SSE, Api, Reply, error_body
+from zrproxy.mock_wire import (
+    ANTHROPIC_MODELS_BODY,
+    BUILDERS,
+    JSON,
+    MODELS_BODY,
+    SSE,
+    Api,
+    ErrorStyle,
+    Reply,
+    error_body,
+    unknown_path_body,
+)
 
 __all__ = [
+    "MOCK_KINDS",
     "MOCK_STATS",
     "MockBehaviour",
+    "MockKind",
     "MockStats",
     "RequestRecord",
     "create_mock_app",
@@ -40,6 +55,10 @@ __all__ = [
 LOG = logging.getLogger("zrproxy.mock_upstream")
 
 EndState = Literal["completed", "disconnected", "reset", "error"]
+# Which provider the mock plays: it answers only that provider's paths (404 in its format
+# otherwise). None: every path of every kind, for one mock behind upstreams of each kind.
+MockKind = Literal["openai", "anthropic", "azure_openai"]
+MOCK_KINDS: Final[tuple[MockKind, ...]] = ("openai", "anthropic", "azure_openai")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_RECORDS: Final = 10_000
@@ -114,6 +133,9 @@ class RequestRecord:
     body_keys: tuple[str, ...]
     store: Any = None
     stream_options: Any = None
+    # Azure's api-version query parameter, as sent (None: not sent).
+    api_version: str | None = None
+    api_key: str | None = None
     ended_at: float | None = None
     end: EndState | None = None
 
@@ -163,6 +185,7 @@ class MockStats:
 
 
 MOCK_STATS: Final[web.AppKey[MockStats]] = web.AppKey("mock_stats", MockStats)
+MOCK_KIND: Final[web.AppKey[MockKind | None]] = web.AppKey("mock_kind")
 
 
 def _record(request: web.Request, body: dict[str, Any] | None) -> RequestRecord:
@@ -179,16 +202,18 @@ def _record(request: web.Request, body: dict[str, Any] | None) -> RequestRecord:
         body_keys=tuple(body),
         store=body.get("store"),
         stream_options=body.get("stream_options"),
+        api_version=request.query.get("api-version"),
+        api_key=request.headers.get("api-key"),
     )
 
 
 # --- the request lifecycle ----------------------------------------------------------------
 
 
-def _error(api: Api, status: int) -> web.Response:
+def _error(api: Api, status: int, style: ErrorStyle | None = None) -> web.Response:
     headers = {"Retry-After": "1"} if status == 429 else None
     return web.Response(
-        status=status, body=error_body(api, status), content_type=JSON, headers=headers
+        status=status, body=error_body(api, status, style), content_type=JSON, headers=headers
     )
 
 
@@ -214,6 +239,7 @@ async def _respond(
     api: Api,
     b: MockBehaviour,
     reply: Reply,
+    style: ErrorStyle | None,
 ) -> web.StreamResponse:
     wait_ms = b.first_byte_ms + (0 if reply.stream else b.delay_ms * b.chunks)
     if wait_ms:
@@ -226,7 +252,7 @@ async def _respond(
         return web.StreamResponse()  # aiohttp's own write to the dead socket fails quietly
     if b.error_status is not None:
         stats.finish(rec, "error")
-        return _error(api, b.error_status)
+        return _error(api, b.error_status, style)
     plan = BUILDERS[api](reply)
     del reply
     headers = {"Content-Type": plan.content_type}
@@ -262,9 +288,14 @@ async def _respond(
     return response
 
 
-def _api_handler(api: Api) -> Handler:
+def _api_handler(api: Api, style: ErrorStyle | None = None) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         stats = request.app[MOCK_STATS]
+        if style == "azure":
+            refused = _azure_refusal(request)
+            if refused is not None:
+                await request.content.read()
+                return refused
         # Not request.read(): it caches the body on the request, which a keep-alive
         # connection keeps alive until its next request.
         raw = await request.content.read()
@@ -279,11 +310,11 @@ def _api_handler(api: Api) -> Handler:
         try:
             if body is None or not isinstance(body.get("model"), str):
                 stats.finish(rec, "error")
-                return _error(api, 400)
+                return _error(api, 400, style)
             behaviour = MockBehaviour.parse(body["model"])
             reply = Reply.build(api, body, behaviour.chunks, behaviour.chunk_bytes, stats.started)
             del body
-            return await _respond(request, stats, rec, api, behaviour, reply)
+            return await _respond(request, stats, rec, api, behaviour, reply, style)
         except asyncio.CancelledError:  # handler cancellation: the client disconnected
             stats.finish(rec, "disconnected")
             raise
@@ -296,7 +327,41 @@ async def _models(request: web.Request) -> web.Response:
     stats.finish(
         stats.begin(request.headers.get("x-request-id"), _record(request, None)), "completed"
     )
-    return web.Response(body=MODELS_BODY, content_type=JSON)
+    anthropic = "anthropic-version" in request.headers or request.app[MOCK_KIND] == "anthropic"
+    return web.Response(body=ANTHROPIC_MODELS_BODY if anthropic else MODELS_BODY, content_type=JSON)
+
+
+# Azure's dated API versions: YYYY-MM-DD, or YYYY-MM-DD-preview.
+_AZURE_API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-preview)?")
+_AZURE_DENIED = (
+    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to "
+    "provide a valid key for an active subscription and use a correct regional API "
+    "endpoint for your resource."
+)
+
+
+def _azure_refusal(request: web.Request) -> web.Response | None:
+    """Azure's answers to a request without an api-key header (401) or api-version (404,
+    as Azure answers a path without it), or with a version it does not know (400)."""
+    if not request.headers.get("api-key"):
+        body = orjson.dumps({"error": {"code": "401", "message": _AZURE_DENIED}})
+        return web.Response(status=401, body=body, content_type=JSON)
+    version = request.query.get("api-version")
+    if version is None:
+        return web.Response(status=404, body=unknown_path_body("azure", "", ""), content_type=JSON)
+    if not _AZURE_API_VERSION.fullmatch(version):
+        error = {"code": "BadRequest", "message": "API version not supported"}
+        return web.Response(status=400, body=orjson.dumps({"error": error}), content_type=JSON)
+    return None
+
+
+def _not_found(style: ErrorStyle) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        await request.content.read()
+        body = unknown_path_body(style, request.method, request.path)
+        return web.Response(status=404, body=body, content_type=JSON)
+
+    return handle
 
 
 async def _count_tokens(request: web.Request) -> web.Response:
@@ -325,25 +390,45 @@ async def _stats(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(request.app[MOCK_STATS].snapshot()), content_type=JSON)
 
 
-_ROUTES: Final[tuple[tuple[str, Api], ...]] = (
+_OPENAI_ROUTES: Final[tuple[tuple[str, Api], ...]] = (
     ("/v1/chat/completions", "chat"),
     ("/v1/completions", "completions"),
     ("/v1/embeddings", "embeddings"),
     ("/v1/responses", "responses"),
-    ("/v1/messages", "messages"),
+)
+# Azure OpenAI's deployment paths (the dated API): chat, completions, embeddings.
+_AZURE_ROUTES: Final[tuple[tuple[str, Api], ...]] = (
+    ("/openai/deployments/{deployment}/chat/completions", "chat"),
+    ("/openai/deployments/{deployment}/completions", "completions"),
+    ("/openai/deployments/{deployment}/embeddings", "embeddings"),
 )
 
 
-def create_mock_app() -> web.Application:
-    """The mock upstream application; its ``MockStats`` is at ``app[MOCK_STATS]``."""
+def create_mock_app(kind: MockKind | None = None) -> web.Application:
+    """The mock upstream application; its ``MockStats`` is at ``app[MOCK_STATS]``.
+
+    ``kind`` names the provider it plays: only that provider's paths answer, any other
+    gets the provider's own 404 (None: every kind's paths, OpenAI's 404)."""
     app = web.Application(client_max_size=_MAX_BODY_BYTES)
     app[MOCK_STATS] = MockStats()
-    for path, api in _ROUTES:
-        app.router.add_post(path, _api_handler(api))
-    app.router.add_post("/v1/messages/count_tokens", _count_tokens)
-    app.router.add_post("/v1/moderations", _moderations)
-    app.router.add_get("/v1/models", _models)
+    app[MOCK_KIND] = kind
+    if kind in (None, "openai"):
+        for path, api in _OPENAI_ROUTES:
+            app.router.add_post(path, _api_handler(api))
+        app.router.add_post("/v1/moderations", _moderations)
+    if kind in (None, "anthropic"):
+        app.router.add_post("/v1/messages", _api_handler("messages"))
+        app.router.add_post("/v1/messages/count_tokens", _count_tokens)
+    if kind in (None, "openai", "anthropic"):
+        app.router.add_get("/v1/models", _models)
+    if kind in (None, "azure_openai"):
+        for path, api in _AZURE_ROUTES:
+            app.router.add_post(path, _api_handler(api, "azure"))
     app.router.add_get("/_mock/stats", _stats)
+    style: ErrorStyle = (
+        "anthropic" if kind == "anthropic" else "azure" if kind == "azure_openai" else "openai"
+    )
+    app.router.add_route("*", "/{tail:.*}", _not_found(style))
     return app
 
 
@@ -351,23 +436,34 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def start_mock(host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, str]:
-    """Start the mock on ``host:port`` (0 = any free port).
+async def start_mock(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    kind: MockKind | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> tuple[web.AppRunner, str]:
+    """Start the mock on ``host:port`` (0 = any free port), as `kind` (see
+    `create_mock_app`), over TLS with ``ssl_context``.
 
-    Returns the runner (call ``cleanup()`` to stop) and the base URL ``http://HOST:PORT/v1``.
+    Returns the runner (call ``cleanup()`` to stop) and the base URL
+    ``http(s)://HOST:PORT/v1`` (for kind azure_openai, without ``/v1``: Azure's paths
+    start at ``/openai``).
     """
     # A short shutdown_timeout: a mock mid-`hang` must not hold cleanup for a minute.
     runner = web.AppRunner(
-        create_mock_app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+        create_mock_app(kind), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     except BaseException:
         await runner.cleanup()
         raise
     bound_port = runner.addresses[0][1]
-    return runner, f"http://{_url_host(host)}:{bound_port}/v1"
+    scheme = "https" if ssl_context is not None else "http"
+    suffix = "" if kind == "azure_openai" else "/v1"
+    return runner, f"{scheme}://{_url_host(host)}:{bound_port}{suffix}"
 
 
 def _listen_address(value: str) -> tuple[str, int]:
@@ -377,13 +473,15 @@ def _listen_address(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def _serve(host: str, port: int) -> int:
+async def _serve(
+    host: str, port: int, kind: MockKind | None, ssl_context: ssl.SSLContext | None
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        runner, url = await start_mock(host, port)
+        runner, url = await start_mock(host, port, kind=kind, ssl_context=ssl_context)
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else "bind failed"
         LOG.error("mock upstream cannot listen on %s:%d: %s", host, port, reason)
@@ -397,7 +495,8 @@ async def _serve(host: str, port: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m zrproxy.mock_upstream [--listen HOST:PORT]``; exits 0 on SIGTERM/SIGINT."""
+    """``python -m zrproxy.mock_upstream [--listen HOST:PORT] [--kind KIND] [--tls-cert
+    FILE --tls-key FILE]``; exits 0 on SIGTERM/SIGINT."""
     parser = argparse.ArgumentParser(
         prog="zrproxy mock-upstream", description="Run the bundled mock LLM upstream."
     )
@@ -408,14 +507,27 @@ def main(argv: list[str] | None = None) -> int:
         metavar="HOST:PORT",
         help="address to bind (default 127.0.0.1:9999)",
     )
+    parser.add_argument(
+        "--kind",
+        choices=MOCK_KINDS,
+        default=None,
+        help="play one provider: answer only its paths (default: every kind's paths)",
+    )
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve https with this certificate")
+    parser.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
     args = parser.parse_args(argv)
+    context = None
+    if args.tls_cert is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return uvloop.run(_serve(*args.listen))
+        host, port = args.listen
+        return uvloop.run(_serve(host, port, args.kind, context))
     except KeyboardInterrupt:  # SIGINT before the handler was installed
         return 0
 

@@ -24,18 +24,23 @@ from typing import Any, Final, Literal
 import orjson
 
 __all__ = [
+    "ANTHROPIC_MODELS_BODY",
     "BUILDERS",
     "EMBEDDING",
     "JSON",
     "MODELS_BODY",
     "SSE",
     "Api",
+    "ErrorStyle",
     "Plan",
     "Reply",
     "error_body",
+    "unknown_path_body",
 ]
 
 Api = Literal["chat", "completions", "embeddings", "responses", "messages"]
+# Whose error documents: OpenAI's, Anthropic's, or Azure OpenAI's ({"error": {"code", ...}}).
+ErrorStyle = Literal["openai", "anthropic", "azure"]
 
 _ECHO_CHARS: Final = 64
 _PROMPT_KEYS: Final = ("messages", "system", "prompt", "input", "instructions")
@@ -44,13 +49,26 @@ SSE: Final = "text/event-stream; charset=utf-8"
 JSON: Final = "application/json"
 EMBEDDING: Final = (0.0125, -0.025, 0.05, -0.1, 0.2, -0.4, 0.8, -0.0625)
 _EMBEDDING_B64: Final = base64.b64encode(struct.pack("<8f", *EMBEDDING)).decode()
+_MOCK_MODELS: Final = ("mock", "mock-n32-d20", "mock-f2000", "mock-e503")
 MODELS_BODY: Final = orjson.dumps(
     {
         "object": "list",
         "data": [
             {"id": m, "object": "model", "created": 1735689600, "owned_by": "zrproxy-mock"}
-            for m in ("mock", "mock-n32-d20", "mock-f2000", "mock-e503")
+            for m in _MOCK_MODELS
         ],
+    }
+)
+# Anthropic's list format (GET /v1/models with anthropic-version).
+ANTHROPIC_MODELS_BODY: Final = orjson.dumps(
+    {
+        "data": [
+            {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}
+            for m in _MOCK_MODELS
+        ],
+        "has_more": False,
+        "first_id": _MOCK_MODELS[0],
+        "last_id": _MOCK_MODELS[-1],
     }
 )
 
@@ -347,20 +365,59 @@ _ANTHROPIC_TYPES: Final = {
 }
 
 
-def error_body(api: Api, status: int) -> bytes:
-    """The API's own error document for `status`, with a fixed message."""
+def _style(api: Api, style: ErrorStyle | None) -> ErrorStyle:
+    return style if style is not None else "anthropic" if api == "messages" else "openai"
+
+
+def error_body(api: Api, status: int, style: ErrorStyle | None = None) -> bytes:
+    """The API's own error document for `status`, with a fixed message (`style`: whose
+    format, by default the one `api` belongs to).
+
+    A 404 is each provider's "model not found" answer (OpenAI's code `model_not_found`,
+    Anthropic's `not_found_error` whose message starts with "model:", Azure's
+    `DeploymentNotFound`), which a proxy must tell from its "unknown URL" answer
+    (`unknown_path_body`)."""
+    style = _style(api, style)
     if status == 400:
         message = "Malformed request: the body must be a JSON object with a string 'model'."
+    elif status == 404:
+        message = "The model was not found (the mock upstream was asked to fail with 404)."
     else:
         message = f"The mock upstream was asked to fail with status {status}."
-    if api == "messages":
+    if style == "anthropic":
         fallback = "api_error" if status >= 500 else "invalid_request_error"
         error: dict[str, Any] = {"type": _ANTHROPIC_TYPES.get(status, fallback)}
-        body = orjson.dumps({"type": "error", "error": {**error, "message": message}})
-    else:
-        kind = "server_error" if status >= 500 else "invalid_request_error"
-        kind, code = ("requests", "rate_limit_exceeded") if status == 429 else (kind, None)
-        body = orjson.dumps(
-            {"error": {"message": message, "type": kind, "param": None, "code": code}}
-        )
-    return body
+        if status == 404:
+            message = "model: " + message
+        return orjson.dumps({"type": "error", "error": {**error, "message": message}})
+    if style == "azure":
+        azure_code = "DeploymentNotFound" if status == 404 else str(status)
+        return orjson.dumps({"error": {"code": azure_code, "message": message}})
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    code: str | None = None
+    if status == 429:
+        kind, code = "requests", "rate_limit_exceeded"
+    elif status == 404:
+        code = "model_not_found"
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+
+
+def unknown_path_body(style: ErrorStyle, method: str, path: str) -> bytes:
+    """What each provider answers (status 404) for a path it does not serve: OpenAI
+    quotes the method and path back, Anthropic and Azure say "not found"."""
+    if style == "anthropic":
+        error = {"type": "not_found_error", "message": "Not Found"}
+        return orjson.dumps({"type": "error", "error": error})
+    if style == "azure":
+        return orjson.dumps({"error": {"code": "404", "message": "Resource not found"}})
+    message = f"Invalid URL ({method} {path})"
+    return orjson.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    )

@@ -11,8 +11,18 @@ from typing import Literal
 # How one upstream attempt failed. "protocol": the upstream's bytes broke HTTP framing
 # (or framing we refuse, such as a body delimited by closing the connection).
 # "auth": it refused our provider key (401/403). "tls": its certificate or handshake.
+# "not_found": its "unknown URL" 404, i.e. the endpoint's path is not on that server (a
+# wrong base_url), told apart from its "no such model" 404 (which goes to the client).
 FailureKind = Literal[
-    "connect", "timeout", "status_429", "status_5xx", "reset", "protocol", "auth", "tls"
+    "connect",
+    "timeout",
+    "status_429",
+    "status_5xx",
+    "reset",
+    "protocol",
+    "auth",
+    "tls",
+    "not_found",
 ]
 FAILURE_KINDS: tuple[FailureKind, ...] = (
     "connect",
@@ -23,6 +33,7 @@ FAILURE_KINDS: tuple[FailureKind, ...] = (
     "protocol",
     "auth",
     "tls",
+    "not_found",
 )
 
 

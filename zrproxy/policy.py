@@ -194,7 +194,8 @@ def _project_text(p: Report) -> Iterable[str]:
         yield (
             "  Zero retention: on. Prompts and completions stay in memory for the request"
             " only; only upstreams whose contract keeps nothing serve it; chat and"
-            " responses bodies go out with store: false; requests that ask a provider to"
+            " responses bodies go out with store: false (to OpenAI; Azure OpenAI stores"
+            " nothing unless asked and gets no store field); requests that ask a provider to"
             " keep state are refused."
         )
     else:

@@ -16,6 +16,7 @@ connects. One sweep timer per pool runs only while connections are idle.
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import ssl
 from collections import deque
@@ -25,6 +26,23 @@ from zrproxy.http1 import UpstreamConnection
 
 class PoolTimeout(Exception):
     """No connection became free within pool_timeout_s (content-free)."""
+
+
+class EgressRefused(ConnectionRefusedError):
+    """The egress proxy answered CONNECT with something other than 200. `reason` is our
+    fixed text with its status code (three digits), never its body or our credentials."""
+
+    def __init__(self, status: bytes) -> None:
+        code = status.decode("ascii") if status.isdigit() and len(status) == 3 else "malformed"
+        if code == "407":
+            reason = (
+                "the egress proxy refused its credentials (407 Proxy Authentication"
+                " Required): check egress_proxy_auth_env"
+            )
+        else:
+            reason = f"the egress proxy refused the tunnel (status {code})"
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Pool:
@@ -41,6 +59,7 @@ class Pool:
         connect_timeout_s: float,
         keepalive_s: float,
         egress_proxy: tuple[str, int] | None = None,
+        egress_auth: str | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._host = host
@@ -51,6 +70,14 @@ class Pool:
         self._connect_timeout = connect_timeout_s
         self._keepalive = keepalive_s
         self._egress = egress_proxy
+        # "USER:PASSWORD" for the egress proxy, sent as Proxy-Authorization: Basic on CONNECT.
+        self._egress_auth_header = (
+            ""
+            if egress_auth is None
+            else "Proxy-Authorization: Basic "
+            + base64.b64encode(egress_auth.encode("utf-8")).decode("ascii")
+            + "\r\n"
+        )
         self._idle: list[UpstreamConnection] = []
         self._all: set[UpstreamConnection] = set()
         self._count = 0  # open or opening connections, against max_connections
@@ -164,7 +191,8 @@ class Pool:
             await self._loop.sock_connect(sock, address)
             target = f"[{self._host}]" if ":" in self._host else self._host
             request = (
-                f"CONNECT {target}:{self._port} HTTP/1.1\r\nHost: {target}:{self._port}\r\n\r\n"
+                f"CONNECT {target}:{self._port} HTTP/1.1\r\nHost: {target}:{self._port}\r\n"
+                f"{self._egress_auth_header}\r\n"
             )
             await self._loop.sock_sendall(sock, request.encode("ascii"))
             head = b""
@@ -177,7 +205,7 @@ class Pool:
                 head += byte
             status = head.split(b" ", 2)[1:2]
             if status != [b"200"]:
-                raise ConnectionRefusedError("egress proxy refused the tunnel")
+                raise EgressRefused(status[0] if status else b"")
         except BaseException:
             sock.close()
             raise

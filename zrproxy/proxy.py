@@ -276,7 +276,7 @@ class Proxy:
         plan = self._router.plan(project, parsed.model)
         ex.route = plan.route.name
         # Only upstreams that speak this endpoint's API: never a path the upstream lacks.
-        upstreams = plan.by_dialect.get(endpoint.dialect, ())
+        upstreams = plan.by_endpoint.get(endpoint.path, ())
         if not upstreams:
             raise UnsupportedEndpoint()
         ex.stream = parsed.stream
@@ -305,7 +305,7 @@ class Proxy:
             # A failover is a request a later upstream served: relaying the last one's
             # 429/5xx after every upstream failed is no failover.
             self._metrics.child(self._metrics.failovers, ex.route).inc()
-        strip = ask_usage and upstream.kind == "openai"
+        strip = ask_usage and upstream.dialect == "openai"
         ex.tap = UsageTap(strip) if ex.audit is None else RecordingTap(ex.audit, strip)
         try:
             return await self._respond(request, response, ex)
@@ -487,9 +487,9 @@ class Proxy:
             limits.projects.release(ex.lease)
             ex.lease = None
 
-    def _failed(self, upstream: str, kind: FailureKind) -> None:
+    def _failed(self, upstream: str, kind: FailureKind, reason: str | None = None) -> None:
         self._metrics.child(self._metrics.upstream_errors, upstream, kind).inc()
-        self._health.failed(upstream, kind)
+        self._health.failed(upstream, kind, reason)
 
     async def _fail(
         self, request: web.BaseRequest, ex: _Exchange, error: ProxyError

@@ -102,14 +102,15 @@ class Plan:
     # The day from which every upstream here is in use (date.min: already all of them).
     complete_from: datetime.date = datetime.date.min
     refusal: type[NoUpstreamInRegion | ZeroRetentionUnavailable] | None = None
-    # The upstreams above that speak each API (their kind), in the same order: an
-    # endpoint is only ever sent to upstreams of its dialect. Filled in __post_init__.
-    by_dialect: Mapping[str, tuple[UpstreamConfig, ...]] = field(default_factory=dict)
+    # Per endpoint path, the upstreams above that serve it (their kind has it), in the
+    # same order: an endpoint is only ever sent to an upstream that has it (an Azure
+    # deployment has no /v1/responses). Filled in __post_init__.
+    by_endpoint: Mapping[str, tuple[UpstreamConfig, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        kinds = dict.fromkeys(u.kind for u in self.upstreams)
-        split = {k: tuple(u for u in self.upstreams if u.kind == k) for k in kinds}
-        object.__setattr__(self, "by_dialect", split)
+        paths = {p for u in self.upstreams for p in u.endpoints}
+        split = {p: tuple(u for u in self.upstreams if p in u.endpoints) for p in paths}
+        object.__setattr__(self, "by_endpoint", split)
 
 
 class Router:

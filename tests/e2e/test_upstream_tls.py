@@ -5,8 +5,6 @@ certificate on loopback; the egress proxy a small CONNECT proxy on loopback."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +17,7 @@ import trustme
 from aiohttp import web
 
 from tests.conftest import Mock, StartProxy, metric
+from tests.egress import ConnectProxy
 from zrproxy.mock_upstream import create_mock_app
 
 BODY = {"model": "mock-n2", "messages": [{"role": "user", "content": "hi"}]}
@@ -117,46 +116,6 @@ async def test_mtls_presents_the_client_certificate(
         bare = await start_proxy([{**base, "name": "bare"}])
         status, _ = await _chat(bare.url, bare.key)
         assert status == 502
-
-
-class ConnectProxy:
-    """A small HTTP forward proxy on loopback: CONNECT only, tunnels bytes both ways, and
-    records the targets it was asked for (what an egress proxy logs: host and port)."""
-
-    def __init__(self, refuse: bool = False) -> None:
-        self.targets: list[str] = []
-        self.refuse = refuse
-        self.url = ""
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ")
-        self.targets.append(f"{method} {target}")
-        if self.refuse or method != "CONNECT":
-            writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
-            writer.close()
-            return
-        host, port = target.rsplit(":", 1)
-        up_reader, up_writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
 @pytest.mark.parametrize("scheme", ["https", "http"])
