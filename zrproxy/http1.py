@@ -38,6 +38,7 @@ import httptools
 
 from zrproxy.errors import forget
 from zrproxy.outcomes import FailureKind
+from zrproxy.sse import SseCheck
 
 MAX_HEAD_BYTES = 64 * 1024  # status line, headers and trailers of one response
 # While nobody consumes the body yet (between the head and the relay starting), reading
@@ -77,7 +78,9 @@ class Exchange:
         "_early",
         "_early_size",
         "_idle_s",
+        "_max_event",
         "_sink",
+        "_sse",
         "_timer",
         "_waiter",
         "content_length",
@@ -91,8 +94,11 @@ class Exchange:
         "status",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int = 0) -> None:
         self._conn: UpstreamConnection | None = None
+        # An SSE response's body is checked as it passes (zrproxy.sse); 0: not checked.
+        self._max_event = max_event_bytes
+        self._sse: SseCheck | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._sink: Sink | None = None
         self._early: list[bytes] = []
@@ -205,6 +211,24 @@ class Exchange:
         self._wake()
 
     def _body(self, data: bytes) -> None:
+        if self.failure is not None:
+            return
+        check = self._sse
+        if check is not None:
+            data = check.feed(data)
+            if check.broken:
+                # The whole events before the fault still go on; the rest is dropped.
+                if data:
+                    self._deliver(data)
+                conn = self._conn
+                if conn is not None:
+                    conn.fail("protocol")
+                return
+            if not data:
+                return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
         sink = self._sink
         if sink is not None:
             sink(data)
@@ -228,6 +252,8 @@ class Exchange:
     def _detach(self) -> None:
         self._conn = None
         self._sink = None
+        if self._sse is not None:
+            self._sse.close()
         timer = self._timer
         if timer is not None:
             self._timer = None
@@ -340,7 +366,10 @@ class UpstreamConnection(asyncio.Protocol):
             pieces.clear()
             body = b""
         if self._complete and self._exchange is exchange:
-            if not self._ends_exactly():
+            check = exchange._sse
+            if not self._ends_exactly() or (check is not None and not check.ended_well()):
+                # (An event stream that ended inside an event, or with none, is cut short:
+                # SDKs drop a last event without its blank line.)
                 self._refuse(exchange)
                 return
             self._exchange = None
@@ -415,6 +444,8 @@ class UpstreamConnection(asyncio.Protocol):
         )
         exchange.status = status
         exchange.content_length = None if self._te_count else self._content_length
+        if exchange._max_event and _is_sse(exchange.content_type):
+            exchange._sse = SseCheck(exchange._max_event)
         exchange._head()
         if self._no_body:
             self._complete = True
@@ -514,6 +545,10 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             expected = _END_RUN
         return self._run == expected
+
+
+def _is_sse(content_type: bytes) -> bool:
+    return content_type.partition(b";")[0].strip().lower() == b"text/event-stream"
 
 
 def _crlf_run(data: bytes, before: int) -> int:

@@ -75,6 +75,7 @@ class Upstreams:
         server = config.server
         self._first_byte_timeout = server.first_byte_timeout_s
         self._idle_timeout = server.idle_timeout_s
+        self._max_event = server.max_event_bytes
         self._by_name: dict[str, _Upstream] = {}
         self._tls_reasons: set[tuple[str, str]] = set()
         for upstream in config.upstreams:
@@ -197,7 +198,7 @@ class Upstreams:
             except OSError as exc:  # refused, unreachable
                 forget(exc)
                 return None, "connect"
-            exchange = Exchange()
+            exchange = Exchange(self._max_event)
             conn.start(exchange, head, body, False, self._loop.time())
             exchange.arm(self._loop, self._first_byte_timeout, self._idle_timeout)
             try:

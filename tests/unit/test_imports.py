@@ -32,7 +32,8 @@ ALLOWED: dict[str, set[str]] = {
     "mock_upstream": {"mock_wire"},
     # on errors only
     "dialects": {"errors"},
-    "http1": {"errors", "outcomes"},
+    "sse": set(),
+    "http1": {"errors", "outcomes", "sse"},
     "pool": {"http1"},
     "streaming": {"http1", "outcomes", "usage"},
     # on dialects
