@@ -34,7 +34,8 @@ _DECIDE = 7
 _CONTEXT = 128
 _BAD = re.compile(
     rb"\n(?!data: ?[{\[]|event:|id:|retry:|:|\r?\n|[^\n]{0,%d}\Z)" % (_DECIDE - 1)
-    + rb"|\n\r?\nevent:[^\n]*\n\r?\n"
+    # An event that begins with its name and ends with no data line.
+    + rb"|\n\r?\nevent:[^\n]*\n(?:(?:event|id|retry)?:[^\n]*\n)*\r?\n"
 )
 
 _BLANK = re.compile(rb"\n\r?\n")
