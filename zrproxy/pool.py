@@ -11,6 +11,12 @@ Idle connections form a stack (the most recently used is warmest and least likel
 have been closed by the upstream). A connection that comes back goes straight to the
 longest waiter. A closed connection frees its slot for the longest waiter, which then
 connects. One sweep timer per pool runs only while connections are idle.
+
+A connection is handed out only if it is still fit: not past its idle expiry
+(`keepalive_s`, or less if the upstream's `Keep-Alive: timeout=N` said so), and not closed
+by the upstream, even if our loop has not read that yet (`peer_gone`). Those are
+dropped there, before a byte of the request is written; once a request is written, the
+pool never sends it again (`upstream.Upstreams`).
 """
 
 from __future__ import annotations
@@ -97,7 +103,14 @@ class Pool:
         if self._closed or conn.closed:
             conn.close()
             return
-        conn.idle_since = self._loop.time()
+        now = conn.idle_since = self._loop.time()
+        limit = self._keepalive
+        if conn.idle_limit_s is not None:
+            limit = min(limit, conn.idle_limit_s)
+            if limit <= 0:
+                conn.close()  # the upstream keeps no idle connection worth our request
+                return
+        conn.expires = now + limit
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -187,12 +200,12 @@ class Pool:
         idle = self._idle
         if not idle:
             return None
-        oldest = self._loop.time() - self._keepalive
+        now = self._loop.time()
         while idle:
             conn = idle.pop()
             if conn.closed:
                 continue
-            if conn.idle_since < oldest:
+            if conn.expires <= now or conn.peer_gone():
                 conn.close()
                 continue
             return conn
@@ -222,12 +235,12 @@ class Pool:
 
     def _sweep(self) -> None:
         self._sweeper = None
-        oldest = self._loop.time() - self._keepalive
+        now = self._loop.time()
         keep: list[UpstreamConnection] = []
         for conn in self._idle:
             if conn.closed:
                 continue
-            if conn.idle_since < oldest:
+            if conn.expires <= now:
                 conn.close()
             else:
                 keep.append(conn)

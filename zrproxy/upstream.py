@@ -136,9 +136,12 @@ class Upstreams:
 
         Connect errors, a full pool (after pool_timeout_s), timeouts and broken responses
         before the head, 401/403 (our key refused), 429 and 5xx move on to the next
-        upstream (`on_failure(name, kind)` for every failed attempt). A pooled connection
-        the upstream had closed while idle (reset or EOF before any response byte) gets
-        one retry on a fresh connection, not counted as a failure. When all fail, the last
+        upstream (`on_failure(name, kind)` for every failed attempt). A request is sent to
+        one upstream at most once: a pooled connection found closed before a byte of the
+        request was written is replaced by a fresh one (once, not counted as a failure);
+        once written, a connection that dies without a response byte is that upstream's
+        failure ("reset"), and the request moves on, never resent where it may have run
+        (a second LLM call costs twice, and may run its tools twice). When all fail, the last
         upstream's own 429/5xx response is returned for relaying; without one, raises
         UpstreamTimeout, UpstreamAuthFailed (the last refused our key) or
         UpstreamUnavailable.
