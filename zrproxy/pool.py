@@ -33,6 +33,33 @@ class PoolTimeout(Exception):
     """No connection became free within pool_timeout_s (content-free)."""
 
 
+class Budget:
+    """The upstream connections of every pool against one process-wide limit: the file
+    descriptors left for them. The API listener's connection cap counts one upstream
+    connection per client connection; idle pooled connections are beyond that count
+    (after a burst, every pool keeps its own), so at the limit a new connection first
+    closes the longest-idle one of any pool. It never makes a request wait: the
+    connections in use are bounded by the client connections."""
+
+    __slots__ = ("limit", "open", "pools")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.pools: list[Pool] = []
+
+    def make_room(self) -> None:
+        if self.open < self.limit:
+            return
+        oldest: UpstreamConnection | None = None
+        for pool in self.pools:
+            conn = pool.oldest_idle()
+            if conn is not None and (oldest is None or conn.idle_since < oldest.idle_since):
+                oldest = conn
+        if oldest is not None:
+            oldest.close()
+
+
 class Pool:
     """One upstream's connections. Create inside the running loop."""
 
@@ -47,8 +74,12 @@ class Pool:
         connect_timeout_s: float,
         keepalive_s: float,
         egress_proxy: tuple[str, int] | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._budget = budget
+        if budget is not None:
+            budget.pools.append(self)
         self._host = host
         self._port = port
         self._ssl = ssl_context
@@ -120,15 +151,25 @@ class Pool:
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self._keepalive / 2, self._sweep)
 
+    def oldest_idle(self) -> UpstreamConnection | None:
+        for conn in self._idle:  # the stack's bottom is the longest idle
+            if not conn.closed:
+                return conn
+        return None
+
     def lost(self, conn: UpstreamConnection) -> None:
         """`conn` is closed: its slot is free."""
         if conn in self._all:
             self._all.discard(conn)
+            if self._budget is not None:
+                self._budget.open -= 1
             self._count -= 1
             self._grant_slot()
 
     def close(self) -> None:
         self._closed = True
+        if self._budget is not None and self in self._budget.pools:
+            self._budget.pools.remove(self)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -140,6 +181,10 @@ class Pool:
 
     async def _connect(self) -> UpstreamConnection:
         conn = UpstreamConnection(self, self._loop)
+        budget = self._budget
+        if budget is not None:
+            budget.make_room()
+            budget.open += 1
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if self._egress is None:
@@ -159,6 +204,8 @@ class Pool:
                         server_hostname=self._host if self._ssl is not None else None,
                     )
         except BaseException:
+            if budget is not None:
+                budget.open -= 1
             self._count -= 1
             self._grant_slot()
             conn.close()

@@ -27,8 +27,9 @@ from zrproxy.errors import (
 )
 from zrproxy.headers import upstream_request_headers
 from zrproxy.http1 import Exchange
+from zrproxy.listener import fd_connection_cap
 from zrproxy.outcomes import FailureKind
-from zrproxy.pool import Pool, PoolTimeout
+from zrproxy.pool import Budget, Pool, PoolTimeout
 
 # How long an idle pooled connection is kept (aiohttp's connector used the same).
 KEEPALIVE_S = 30.0
@@ -70,8 +71,11 @@ def tls_context(config: UpstreamConfig) -> ssl.SSLContext | None:
 class Upstreams:
     """The connection pools of every configured upstream. Create inside the running loop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, connection_budget: int | None = None) -> None:
+        """`connection_budget`: upstream connections of all pools together (default: as
+        many as the API listener's fd-fitted connection cap, one per client connection)."""
         self._loop = asyncio.get_running_loop()
+        budget = Budget(connection_budget or fd_connection_cap())
         server = config.server
         self._first_byte_timeout = server.first_byte_timeout_s
         self._idle_timeout = server.idle_timeout_s
@@ -96,6 +100,7 @@ class Upstreams:
                 connect_timeout_s=server.connect_timeout_s,
                 keepalive_s=KEEPALIVE_S,
                 egress_proxy=_host_port(upstream.egress_proxy or server.egress_proxy),
+                budget=budget,
             )
             # Uncompressed from the upstream, so usage can be read as the bytes pass.
             injected = {
