@@ -39,18 +39,21 @@ _BAD = re.compile(
 )
 
 _BLANK = re.compile(rb"\n\r?\n")
+_ENDS = (b"\n\n", b"\n\r\n")  # a read that ends with an event's end
+_JOIN_BELOW = 4096  # a read this small is searched joined to the previous read's tail
 
 
 class SseCheck:
     """Feed it every body byte of one SSE response, in order; forward what it returns."""
 
-    __slots__ = ("_context", "_event_bytes", "_held", "_max", "broken")
+    __slots__ = ("_context", "_event_bytes", "_held", "_max", "_started", "broken")
 
     def __init__(self, max_event_bytes: int) -> None:
         self._max = max_event_bytes
         self._context = b"\n\n"  # the last bytes seen; the stream starts as after an event
         self._held = b""  # a line start too short to decide, not forwarded yet
         self._event_bytes = 0
+        self._started = False  # a byte came
         self.broken = False
 
     def feed(self, data: bytes) -> bytes:
@@ -58,25 +61,43 @@ class SseCheck:
         decide (held until the next read), plus the one held before. On a fault, sets
         `broken` and returns only the whole events before it."""
         context, held = self._context, self._held
-        # Line starts near the seam need the previous read's tail in front; the rest of
-        # the read is searched where it is, without a copy.
-        seam = context + data[:_CONTEXT]
-        if _BAD.search(seam) is not None or _BAD.search(data) is not None:
+        self._started = True
+        # Line starts at the seam need the previous read's tail in front. A small read
+        # is searched joined to it (one search); a large one where it is (no copy).
+        if len(data) <= _JOIN_BELOW:
+            seam = context + data
+            bad = _BAD.search(seam) is not None
+        else:
+            seam = context + data[:_CONTEXT]
+            bad = _BAD.search(seam) is not None or _BAD.search(data) is not None
+        if bad:
             return self._fault(context + data, len(context) - len(held))
         if self._event_bytes + len(data) > self._max:
             over = self._oversize(context, data)
             if over != -1:
                 return self._fault(context + data, len(context) - len(held), over)
+        elif data.endswith(_ENDS):
+            # Most reads: whole events. The next read's line starts need only this blank
+            # line in front.
+            self._event_bytes = 0
+            self._context = data[-3:]
+            if held:
+                self._held = b""
+                return held + data
+            return data
         else:
             end = _last_boundary(data, len(data))
             if not end:
                 end = max(0, _last_boundary(seam, len(seam)) - len(context))
             self._event_bytes = len(data) - end if end else self._event_bytes + len(data)
         self._context = data[-_CONTEXT:] if len(data) >= _CONTEXT else seam[-_CONTEXT:]
-        line = data.rfind(b"\n")
-        # A read that ends inside a line start (the regex excused it as undecided): hold
-        # those few bytes back, so a bad line never reaches the client in part.
-        keep = len(data) - line - 1 if line != -1 else len(held) + len(data)
+        if data[-1] == 10:  # b"\n": nothing to hold back
+            keep = 0
+        else:
+            line = data.rfind(b"\n")
+            # A read that ends inside a line start (the regex excused it as undecided):
+            # hold those few bytes back, so a bad line never reaches the client in part.
+            keep = len(data) - line - 1 if line != -1 else len(held) + len(data)
         unsent = held + data if held else data
         if not keep or keep >= _DECIDE:
             self._held = b""
@@ -109,7 +130,7 @@ class SseCheck:
         return (
             not self.broken
             and not self._held
-            and context != b"\n\n"  # nothing came at all
+            and self._started
             and context.endswith((b"\n\n", b"\n\r\n"))
         )
 
