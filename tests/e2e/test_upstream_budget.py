@@ -9,6 +9,8 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from tests.conftest import config_data
 from zrproxy.auth import new_key
 from zrproxy.config import parse_config
@@ -52,8 +54,11 @@ async def _settle(budget: Budget, expected: int) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_at_the_budget_a_new_connection_closes_the_longest_idle_one() -> None:
-    budget = Budget(2)
+@pytest.mark.parametrize(("limit", "closed"), [(2, [True, False]), (3, [False, False])])
+async def test_at_the_budget_a_new_connection_closes_the_longest_idle_one(
+    limit: int, closed: list[bool]
+) -> None:
+    budget = Budget(limit)
     with _listeners(2) as (port_a, port_b):
         a, b = _pool(port_a, budget), _pool(port_b, budget)
         try:
@@ -61,28 +66,12 @@ async def test_at_the_budget_a_new_connection_closes_the_longest_idle_one() -> N
             a.release(first)
             await asyncio.sleep(0.01)
             a.release(second)
-            assert budget.open == 2
-            other = await b.acquire()  # pool b needs one: a's longest-idle goes
-            assert first.closed and not second.closed and not other.closed
-            await _settle(budget, 2)
-            assert budget.open == 2
-            assert a.size == 1 and b.size == 1
-        finally:
-            a.close()
-            b.close()
-
-
-async def test_under_the_budget_idle_connections_stay() -> None:
-    budget = Budget(3)
-    with _listeners(2) as (port_a, port_b):
-        a, b = _pool(port_a, budget), _pool(port_b, budget)
-        try:
-            first, second = await a.acquire(), await a.acquire()
-            a.release(first)
-            a.release(second)
-            other = await b.acquire()
-            assert not first.closed and not second.closed and not other.closed
-            assert budget.open == 3
+            other = await b.acquire()  # pool b needs one: at the limit, a's longest-idle goes
+            assert [first.closed, second.closed] == closed
+            assert not other.closed
+            await _settle(budget, 2 if closed[0] else 3)
+            assert budget.open == (2 if closed[0] else 3)
+            assert a.size == (1 if closed[0] else 2) and b.size == 1
         finally:
             a.close()
             b.close()
