@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
+from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 
 from tests.conftest import RunningProxy, StartProxy, metric
 from tests.rawupstream import RawUpstream, Step, json_response
@@ -153,3 +156,26 @@ async def test_keep_alive_timeout_expires_the_pooled_connection_first(
         await upstream.stop()
     assert [conn for conn, _ in upstream.requests] == connections
     assert await _errors(proxy) == 0
+
+
+async def test_a_live_tls_connection_is_reused(start_proxy: StartProxy, tmp_path: Path) -> None:
+    # The checkout's poll sees raw socket bytes: a TLS connection at rest must show none
+    # (its session tickets were read with the first answer), or every request would pay
+    # for a new handshake.
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    upstream = await RawUpstream(lambda i, h: [json_response(b"{}")], tls=server).start()
+    try:
+        proxy = await start_proxy(
+            [{"name": "raw", "kind": "openai", "base_url": upstream.url, "ca_file": str(ca_file)}]
+        )
+        async with aiohttp.ClientSession() as client:
+            for _ in range(3):
+                assert await _post(client, proxy) == (200, b"{}")
+                await asyncio.sleep(0.05)  # idle in the pool for a while
+    finally:
+        await upstream.stop()
+    assert [conn for conn, _ in upstream.requests] == [1, 1, 1]
