@@ -149,10 +149,13 @@ class AcceptErrors:
     and logs them at most once per `_REPORT_EVERY_S`; anything else goes to the handler
     that was in place.
 
-    The standard loop reports them as "socket.accept() out of system resource" and
-    retries a second later. uvloop (libuv) mostly closes such connections itself without
-    telling anyone; when its listen callback does report one, uvloop closes the listening
-    handle, so `on_refused(listener_closed=True)` lets the caller start accepting again.
+    The standard loop reports them as "socket.accept() out of system resource" (once per
+    accept it tries in a wake-up) and retries a second later; the connections wait in the
+    backlog. uvloop's libuv (>= 1.45: `uv__server_io`, src/unix/stream.c) never reports
+    them: it accepts and closes every waiting connection with its spare descriptor
+    (`uv__emfile_trick`), so only the fd-fitted connection cap protects there. An older
+    libuv reported the error to uvloop's listen callback, which then closes the listening
+    handle: `on_refused(listener_closed=True)` lets the caller start accepting again.
     """
 
     def __init__(
