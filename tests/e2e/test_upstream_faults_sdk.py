@@ -57,6 +57,15 @@ ANTHROPIC_END = (
     b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 )
 FIRST = {"openai": OPENAI_FIRST, "anthropic": ANTHROPIC_FIRST}
+CUT = {  # an event cut short inside its data
+    "openai": b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"' + MARK,
+    "anthropic": b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"' + MARK,
+}
+WHOLE_LINES = {  # an event whose lines are whole, without the blank line that ends it
+    "openai": _openai_chunk(MARK)[:-1],
+    "anthropic": CUT["anthropic"] + b'"}}\n',
+}
 END = {"openai": OPENAI_END, "anthropic": ANTHROPIC_END}
 
 # What breaks an event stream, each sent after the first event has reached the SDK.
@@ -186,12 +195,18 @@ async def test_an_event_under_max_event_bytes_passes(start_proxy: StartProxy, sd
 
 
 @pytest.mark.parametrize("sdk", ["openai", "anthropic"])
-async def test_a_stream_that_ends_inside_an_event_raises(start_proxy: StartProxy, sdk: str) -> None:
+@pytest.mark.parametrize("where", ["inside-a-line", "before-the-blank-line"])
+async def test_a_stream_that_ends_inside_an_event_raises(
+    start_proxy: StartProxy, sdk: str, where: str
+) -> None:
     # The upstream ends its body properly (the last chunk) but in the middle of an event,
-    # which the SDKs would drop without a word. The event's start has reached the SDK,
-    # so the error event lands inside it: the SDK raises on the mix (a JSON error).
+    # which the SDKs would drop without a word. That event's start has reached the SDK;
+    # the blank line before our error event ends it alone, so the SDK never reads the two
+    # as one (Anthropic's SDK would put such a mix, with the upstream's text, in its
+    # message). Cut inside a line, the SDK fails on the broken event (a JSON error);
+    # with the event's lines whole, it takes the event, then raises on ours.
     got_first = asyncio.Event()
-    cut = END[sdk][: len(END[sdk]) // 2]
+    cut = CUT[sdk] if where == "inside-a-line" else WHOLE_LINES[sdk]
     steps: list[Step] = [SSE_HEAD + chunked(FIRST[sdk])[:-5], got_first, chunked(cut), "hold"]
     upstream = await RawUpstream(lambda i, h: steps).start()
     try:
@@ -199,9 +214,14 @@ async def test_a_stream_that_ends_inside_an_event_raises(start_proxy: StartProxy
         texts, exc = await _stream(sdk, proxy, got_first)
     finally:
         await upstream.stop()
-    assert texts == ["hello"]
     assert exc is not None
     _echoes_nothing(exc)
+    if where == "before-the-blank-line":
+        assert texts == ["hello", MARK.decode()]
+        assert isinstance(exc, openai.APIError if sdk == "openai" else anthropic.APIStatusError)
+        assert UpstreamFailedMidStream.message in str(exc)
+    else:
+        assert texts == ["hello"]
     assert await _errors(proxy, "protocol") == 1
 
 
