@@ -61,6 +61,7 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "zrproxy_client_errors_total": ("counter", frozenset({"kind"})),
     "zrproxy_limits_backend": ("gauge", frozenset({"backend"})),
     "zrproxy_refused_accepts_total": ("counter", frozenset()),
+    "zrproxy_accept_pauses_total": ("counter", frozenset()),
 }
 # Closed label value sets from the spec (1xx: zrproxy.metrics.STATUS_CLASSES has it too).
 LABEL_ENUMS = {

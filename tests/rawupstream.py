@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # A script step: bytes to write, a function of the request body giving bytes to write,
-# seconds to wait, "close", "reset" (RST), "hold" (never answer more), or
-# "read-head-only" (answer before reading the body: must come first).
-Step = bytes | float | str | Callable[[bytes], bytes]
+# seconds to wait, an event to wait for (the test sets it), "close", "reset" (RST),
+# "hold" (never answer more), or "read-head-only" (answer before reading the body: must
+# come first).
+Step = bytes | float | str | asyncio.Event | Callable[[bytes], bytes]
 Script = Callable[[int, bytes], list[Step]]
 
 
@@ -24,6 +26,7 @@ Script = Callable[[int, bytes], list[Step]]
 class RawUpstream:
     script: Script
     rcvbuf: int | None = None  # a small receive buffer, to keep a request body unsent
+    tls: ssl.SSLContext | None = None  # serve https with this server context
     connections: int = 0
     open: int = 0
     max_open: int = 0
@@ -35,6 +38,8 @@ class RawUpstream:
     def url(self) -> str:
         assert self.server is not None
         port = self.server.sockets[0].getsockname()[1]
+        if self.tls is not None:
+            return f"https://localhost:{port}/v1"
         return f"http://127.0.0.1:{port}/v1"
 
     async def start(self) -> RawUpstream:
@@ -43,7 +48,7 @@ class RawUpstream:
         if self.rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
         sock.bind(("127.0.0.1", 0))
-        self.server = await asyncio.start_server(self._serve, sock=sock)
+        self.server = await asyncio.start_server(self._serve, sock=sock, ssl=self.tls)
         return self
 
     async def stop(self) -> None:
@@ -84,6 +89,8 @@ class RawUpstream:
                         await writer.drain()
                     elif isinstance(step, float):
                         await asyncio.sleep(step)
+                    elif isinstance(step, asyncio.Event):
+                        await step.wait()
                     elif step == "close":
                         writer.close()
                         return

@@ -280,7 +280,14 @@ class Service:
             )
         except OSError as exc:
             raise StartupError(f"server.listen: cannot listen ({exc.strerror})") from None
-        self._api_site = PausableSite(self._api_runner, sock, backlog=1024)
+        api_server = self._api_server
+        self._api_site = PausableSite(
+            self._api_runner,
+            sock,
+            backlog=1024,
+            on_pause=self.metrics.accept_pauses.inc,
+            headroom=lambda: api_server.max_connections - api_server.open_connections,
+        )
         self._api_server.site = self._api_site
         await _bind(self._api_site, "server.listen")
         self.api_address = _bound(self._api_runner)

@@ -89,6 +89,10 @@ class ServerConfig:
     max_header_field_bytes: int = 8190
     max_header_fields: int = 100
     max_header_bytes: int = 32 * 1024
+    # One upstream SSE event (the bytes up to its blank line) larger than this breaks the
+    # stream as the upstream's protocol error (zrproxy.sse). Nothing is buffered for it:
+    # it bounds what a client's SDK must hold for one event, not our memory.
+    max_event_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,6 +544,7 @@ def _server(table: _Table, environ: Mapping[str, str]) -> ServerConfig:
         ),
         max_header_fields=table.take("max_header_fields", _positive_int, d.max_header_fields),
         max_header_bytes=table.take("max_header_bytes", _positive_int, d.max_header_bytes),
+        max_event_bytes=table.take("max_event_bytes", _positive_int, d.max_event_bytes),
     )
     table.finish()
     if server.listen == server.admin_listen and server.listen.port != 0:

@@ -31,6 +31,7 @@ head, for the end, and when the client's side needs draining.
 from __future__ import annotations
 
 import asyncio
+import select
 from collections.abc import Callable
 from typing import Protocol
 
@@ -38,6 +39,7 @@ import httptools
 
 from zrproxy.errors import forget
 from zrproxy.outcomes import FailureKind
+from zrproxy.sse import SseCheck
 
 MAX_HEAD_BYTES = 64 * 1024  # status line, headers and trailers of one response
 # While nobody consumes the body yet (between the head and the relay starting), reading
@@ -68,7 +70,8 @@ class Exchange:
 
     The connection calls `_head`, `_body`, `_end` and `_fail`; the handler awaits `wait()`.
     `failure` is None or the kind of failure; `received` says whether any response byte
-    arrived (the stale-connection retry needs nothing to have arrived).
+    arrived; `stale` that the connection was found closed before any byte of the request
+    was written (the only case a request is tried again on the same upstream).
     """
 
     __slots__ = (
@@ -77,7 +80,9 @@ class Exchange:
         "_early",
         "_early_size",
         "_idle_s",
+        "_max_event",
         "_sink",
+        "_sse",
         "_timer",
         "_waiter",
         "content_length",
@@ -86,13 +91,15 @@ class Exchange:
         "failure",
         "headers",
         "received",
-        "reused",
         "stale",
         "status",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int = 0) -> None:
         self._conn: UpstreamConnection | None = None
+        # An SSE response's body is checked as it passes (zrproxy.sse); 0: not checked.
+        self._max_event = max_event_bytes
+        self._sse: SseCheck | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._sink: Sink | None = None
         self._early: list[bytes] = []
@@ -106,8 +113,7 @@ class Exchange:
         self.ended = False  # the response is complete and every body byte handed on
         self.failure: FailureKind | None = None
         self.received = False
-        self.reused = False
-        self.stale = False  # a reused connection closed before any response byte
+        self.stale = False  # the connection was closed before we wrote a byte
 
     # --- for the handler ------------------------------------------------------------------
 
@@ -217,6 +223,24 @@ class Exchange:
         self._wake()
 
     def _body(self, data: bytes) -> None:
+        if self.failure is not None:
+            return
+        check = self._sse
+        if check is not None:
+            data = check.feed(data)
+            if check.broken:
+                # The whole events before the fault still go on; the rest is dropped.
+                if data:
+                    self._deliver(data)
+                conn = self._conn
+                if conn is not None:
+                    conn.fail("protocol")
+                return
+            if not data:
+                return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
         sink = self._sink
         if sink is not None:
             sink(data)
@@ -241,6 +265,8 @@ class Exchange:
     def _detach(self) -> None:
         self._conn = None
         self._sink = None
+        if self._sse is not None:
+            self._sse.close()
         timer = self._timer
         if timer is not None:
             self._timer = None
@@ -264,6 +290,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._exchange: Exchange | None = None
         self.idle_since = 0.0
+        # How long the upstream said it keeps this connection idle (its `Keep-Alive:
+        # timeout=N`, less a margin); None: it did not say.
+        self.idle_limit_s: float | None = None
+        self.expires = 0.0  # loop time after which the pool no longer hands it out
         self.last_read = 0.0
         self.requests = 0  # exchanges started on this connection
         self.closed = False
@@ -297,9 +327,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = None
         exchange = self._exchange
         if exchange is not None:
+            # Our request was written: even with no response byte, the upstream may have
+            # acted on it, so this is its failure ("reset"), never a reason to send again.
             self._exchange = None
-            if not exchange.received and exchange.reused:
-                exchange.stale = True
             exchange._fail("reset")
         self._pool.lost(self)
 
@@ -353,7 +383,10 @@ class UpstreamConnection(asyncio.Protocol):
             pieces.clear()
             body = b""
         if self._complete and self._exchange is exchange:
-            if not self._ends_exactly():
+            check = exchange._sse
+            if not self._ends_exactly() or (check is not None and not check.ended_well()):
+                # (An event stream that ended inside an event, or with none, is cut short:
+                # SDKs drop a last event without its blank line.)
                 self._refuse(exchange)
                 return
             self._exchange = None
@@ -372,6 +405,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._te_count = 0
         self._te_chunked = False
         self._content_length = None
+        self.idle_limit_s = None
         self._body_run = 0
         self._body_other = False
         self._exchange.headers.clear()
@@ -396,6 +430,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._content_length = int(value)  # llhttp let through digits only
         elif lower == b"content-type":
             exchange.content_type = value
+        elif lower == b"keep-alive":
+            self.idle_limit_s = _idle_limit(value)
         exchange.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -428,6 +464,8 @@ class UpstreamConnection(asyncio.Protocol):
         )
         exchange.status = status
         exchange.content_length = None if self._te_count else self._content_length
+        if exchange._max_event and _is_sse(exchange.content_type):
+            exchange._sse = SseCheck(exchange._max_event)
         exchange._head()
         if self._no_body:
             self._complete = True
@@ -453,7 +491,6 @@ class UpstreamConnection(asyncio.Protocol):
         self, exchange: Exchange, head: bytes, body: bytes, no_body: bool, now: float
     ) -> None:
         """Send one request; the response goes to `exchange`."""
-        exchange.reused = self.requests > 0
         exchange._conn = self
         self._exchange = exchange
         self.requests += 1
@@ -466,7 +503,7 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             self._exchange = None
-            exchange.stale = exchange.reused
+            exchange.stale = True  # nothing was sent: a fresh connection may carry it
             exchange._fail("reset")
             return
         if len(body) < 16384:
@@ -501,6 +538,21 @@ class UpstreamConnection(asyncio.Protocol):
             self._exchange = None
         self.close()
 
+    def peer_gone(self) -> bool:
+        """Whether this idle connection can no longer carry a request: closed, or the
+        upstream closed or wrote to it and our loop has not read that yet. One poll(2)
+        with no wait (as urllib3 and httpcore check a pooled socket): an idle connection
+        has nothing to read unless its peer is done with it (for TLS, a close_notify)."""
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return True
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
     def close(self) -> None:
         transport = self.transport
         self.closed = True
@@ -527,6 +579,26 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             expected = _END_RUN
         return self._run == expected
+
+
+def _idle_limit(value: bytes) -> float | None:
+    """From a `Keep-Alive: timeout=N, max=M` header: how long to keep the connection idle,
+    a little under N (by min(1 s, N/2)) so our next request doesn't race its close."""
+    for part in value.split(b","):
+        name, _, number = part.partition(b"=")
+        if name.strip().lower() == b"timeout":
+            try:
+                timeout = float(number.strip())
+            except ValueError:
+                return None
+            if timeout != timeout:  # NaN
+                return None
+            return max(0.0, timeout - min(1.0, timeout / 2))
+    return None
+
+
+def _is_sse(content_type: bytes) -> bool:
+    return content_type.partition(b";")[0].strip().lower() == b"text/event-stream"
 
 
 def _crlf_run(data: bytes, before: int) -> int:

@@ -49,12 +49,21 @@ def listening_socket(host: str, port: int, *, reuse_port: bool, backlog: int) ->
 class PausableSite(web.BaseSite):
     """An aiohttp site on our own listening socket, with `pause()` and `resume()`."""
 
-    __slots__ = ("_name", "_paused", "_sock")
+    __slots__ = ("_headroom", "_name", "_on_pause", "_paused", "_sock")
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, backlog: int) -> None:
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        backlog: int,
+        on_pause: Callable[[], None] | None = None,
+        headroom: Callable[[], int] | None = None,
+    ) -> None:
         super().__init__(runner, backlog=backlog)
+        self._headroom = headroom  # connections still to accept before the cap
         self._sock: socket.socket | None = sock
         self._paused = False
+        self._on_pause = on_pause  # called each time accepting pauses at the cap
         host, port = sock.getsockname()[:2]
         self._name = f"http://{host}:{port}"
 
@@ -75,9 +84,16 @@ class PausableSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            server, sock=self._sock.dup(), backlog=self._backlog
-        )
+        # The standard loop accepts up to `backlog` connections per wake-up, and a
+        # connection is counted (connection_made) only a few loop turns after its accept:
+        # with 1024, a burst would be accepted far past the cap, into EMFILE. So it gets a
+        # third of the headroom per wake-up (libuv accepts one per wake-up anyway).
+        batch = self._backlog
+        if self._headroom is not None:
+            batch = max(1, min(batch, self._headroom() // 3))
+        self._server = await loop.create_server(server, sock=self._sock.dup(), backlog=batch)
+        if batch != self._backlog:
+            self._sock.listen(self._backlog)  # the kernel's queue keeps its length
 
     def pause(self) -> None:
         """Stop accepting; connections wait in the kernel's backlog."""
@@ -86,6 +102,8 @@ class PausableSite(web.BaseSite):
         self._paused = True
         self._server.close()
         self._server = None
+        if self._on_pause is not None:
+            self._on_pause()
 
     async def resume(self) -> None:
         if not self._paused or self._sock is None:
@@ -131,10 +149,13 @@ class AcceptErrors:
     and logs them at most once per `_REPORT_EVERY_S`; anything else goes to the handler
     that was in place.
 
-    The standard loop reports them as "socket.accept() out of system resource" and
-    retries a second later. uvloop (libuv) mostly closes such connections itself without
-    telling anyone; when its listen callback does report one, uvloop closes the listening
-    handle, so `on_refused(listener_closed=True)` lets the caller start accepting again.
+    The standard loop reports them as "socket.accept() out of system resource" (once per
+    accept it tries in a wake-up) and retries a second later; the connections wait in the
+    backlog. uvloop's libuv (>= 1.45: `uv__server_io`, src/unix/stream.c) never reports
+    them: it accepts and closes every waiting connection with its spare descriptor
+    (`uv__emfile_trick`), so only the fd-fitted connection cap protects there. An older
+    libuv reported the error to uvloop's listen callback, which then closes the listening
+    handle: `on_refused(listener_closed=True)` lets the caller start accepting again.
     """
 
     def __init__(

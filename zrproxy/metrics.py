@@ -166,6 +166,11 @@ class Metrics:
             "Connections the API listener could not accept (out of file descriptors).",
             registry=r,
         )
+        self.accept_pauses = Counter(
+            "zrproxy_accept_pauses",
+            "Times the API listener stopped accepting at its connection cap.",
+            registry=r,
+        )
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
 
     def set_limits_backend(self, backend: str) -> None:

@@ -11,6 +11,12 @@ Idle connections form a stack (the most recently used is warmest and least likel
 have been closed by the upstream). A connection that comes back goes straight to the
 longest waiter. A closed connection frees its slot for the longest waiter, which then
 connects. One sweep timer per pool runs only while connections are idle.
+
+A connection is handed out only if it is still fit: not past its idle expiry
+(`keepalive_s`, or less if the upstream's `Keep-Alive: timeout=N` said so), and not closed
+by the upstream, even if our loop has not read that yet (`peer_gone`). Those are
+dropped there, before a byte of the request is written; once a request is written, the
+pool never sends it again (`upstream.Upstreams`).
 """
 
 from __future__ import annotations
@@ -45,6 +51,33 @@ class EgressRefused(ConnectionRefusedError):
         self.reason = reason
 
 
+class Budget:
+    """The upstream connections of every pool against one process-wide limit: the file
+    descriptors left for them. The API listener's connection cap counts one upstream
+    connection per client connection; idle pooled connections are beyond that count
+    (after a burst, every pool keeps its own), so at the limit a new connection first
+    closes the longest-idle one of any pool. It never makes a request wait: the
+    connections in use are bounded by the client connections."""
+
+    __slots__ = ("limit", "open", "pools")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.pools: list[Pool] = []
+
+    def make_room(self) -> None:
+        if self.open < self.limit:
+            return
+        oldest: UpstreamConnection | None = None
+        for pool in self.pools:
+            conn = pool.oldest_idle()
+            if conn is not None and (oldest is None or conn.idle_since < oldest.idle_since):
+                oldest = conn
+        if oldest is not None:
+            oldest.close()
+
+
 class Pool:
     """One upstream's connections. Create inside the running loop."""
 
@@ -60,8 +93,12 @@ class Pool:
         keepalive_s: float,
         egress_proxy: tuple[str, int] | None = None,
         egress_auth: str | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._budget = budget
+        if budget is not None:
+            budget.pools.append(self)
         self._host = host
         self._port = port
         self._ssl = ssl_context
@@ -124,7 +161,14 @@ class Pool:
         if self._closed or conn.closed:
             conn.close()
             return
-        conn.idle_since = self._loop.time()
+        now = conn.idle_since = self._loop.time()
+        limit = self._keepalive
+        if conn.idle_limit_s is not None:
+            limit = min(limit, conn.idle_limit_s)
+            if limit <= 0:
+                conn.close()  # the upstream keeps no idle connection worth our request
+                return
+        conn.expires = now + limit
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -134,15 +178,25 @@ class Pool:
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self._keepalive / 2, self._sweep)
 
+    def oldest_idle(self) -> UpstreamConnection | None:
+        for conn in self._idle:  # the stack's bottom is the longest idle
+            if not conn.closed:
+                return conn
+        return None
+
     def lost(self, conn: UpstreamConnection) -> None:
         """`conn` is closed: its slot is free."""
         if conn in self._all:
             self._all.discard(conn)
+            if self._budget is not None:
+                self._budget.open -= 1
             self._count -= 1
             self._grant_slot()
 
     def close(self) -> None:
         self._closed = True
+        if self._budget is not None and self in self._budget.pools:
+            self._budget.pools.remove(self)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -154,6 +208,10 @@ class Pool:
 
     async def _connect(self) -> UpstreamConnection:
         conn = UpstreamConnection(self, self._loop)
+        budget = self._budget
+        if budget is not None:
+            budget.make_room()
+            budget.open += 1
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if self._egress is None:
@@ -173,6 +231,8 @@ class Pool:
                         server_hostname=self._host if self._ssl is not None else None,
                     )
         except BaseException:
+            if budget is not None:
+                budget.open -= 1
             self._count -= 1
             self._grant_slot()
             conn.close()
@@ -215,12 +275,12 @@ class Pool:
         idle = self._idle
         if not idle:
             return None
-        oldest = self._loop.time() - self._keepalive
+        now = self._loop.time()
         while idle:
             conn = idle.pop()
             if conn.closed:
                 continue
-            if conn.idle_since < oldest:
+            if conn.expires <= now or conn.peer_gone():
                 conn.close()
                 continue
             return conn
@@ -250,12 +310,12 @@ class Pool:
 
     def _sweep(self) -> None:
         self._sweeper = None
-        oldest = self._loop.time() - self._keepalive
+        now = self._loop.time()
         keep: list[UpstreamConnection] = []
         for conn in self._idle:
             if conn.closed:
                 continue
-            if conn.idle_since < oldest:
+            if conn.expires <= now:
                 conn.close()
             else:
                 keep.append(conn)

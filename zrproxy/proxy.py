@@ -527,7 +527,9 @@ class Proxy:
         # see a truncated transfer, never a whole one. Counted as failed.
         ex.status = error.status
         if ex.is_sse:
-            event = sse_error_event(ex.dialect, error)
+            # After a blank line: the cut may have come inside an event, which the SDK
+            # must end (and fail on) alone, not read our event's lines into it.
+            event = b"\n\n" + sse_error_event(ex.dialect, error)
             try:
                 await started.write(event)
             except ConnectionError:

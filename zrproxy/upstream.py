@@ -27,8 +27,9 @@ from zrproxy.errors import (
 )
 from zrproxy.headers import upstream_request_headers
 from zrproxy.http1 import Exchange
+from zrproxy.listener import fd_connection_cap
 from zrproxy.outcomes import FailureKind
-from zrproxy.pool import EgressRefused, Pool, PoolTimeout
+from zrproxy.pool import Budget, EgressRefused, Pool, PoolTimeout
 
 # How long an idle pooled connection is kept (aiohttp's connector used the same).
 KEEPALIVE_S = 30.0
@@ -92,11 +93,15 @@ def tls_context(config: UpstreamConfig) -> ssl.SSLContext | None:
 class Upstreams:
     """The connection pools of every configured upstream. Create inside the running loop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, connection_budget: int | None = None) -> None:
+        """`connection_budget`: upstream connections of all pools together (default: as
+        many as the API listener's fd-fitted connection cap, one per client connection)."""
         self._loop = asyncio.get_running_loop()
+        budget = Budget(connection_budget or fd_connection_cap())
         server = config.server
         self._first_byte_timeout = server.first_byte_timeout_s
         self._idle_timeout = server.idle_timeout_s
+        self._max_event = server.max_event_bytes
         self._by_name: dict[str, _Upstream] = {}
         for upstream in config.upstreams:
             url = urlsplit(upstream.base_url)
@@ -122,6 +127,7 @@ class Upstreams:
                     if upstream.egress_proxy is not None
                     else server.egress_proxy_auth
                 ),
+                budget=budget,
             )
             # Uncompressed from the upstream, so usage can be read as the bytes pass.
             injected = {
@@ -173,9 +179,12 @@ class Upstreams:
         Connect errors, a full pool (after pool_timeout_s), timeouts and broken responses
         before the head, 401/403 (our key refused), the provider's unknown-URL 404 (a wrong
         base_url; a 404 about a model is relayed), 429 and 5xx move on to the next
-        upstream (`on_failure(name, kind, reason)` for every failed attempt). A pooled connection
-        the upstream had closed while idle (reset or EOF before any response byte) gets
-        one retry on a fresh connection, not counted as a failure. When all fail, the last
+        upstream (`on_failure(name, kind, reason)` for every failed attempt). A request is sent to
+        one upstream at most once: a pooled connection found closed before a byte of the
+        request was written is replaced by a fresh one (once, not counted as a failure);
+        once written, a connection that dies without a response byte is that upstream's
+        failure ("reset"), and the request moves on, never resent where it may have run
+        (a second LLM call costs twice, and may run its tools twice). When all fail, the last
         upstream's own 429/5xx response is returned for relaying; without one, raises
         UpstreamTimeout, UpstreamAuthFailed (the last refused our key), UpstreamNotFound
         (the last had no such path) or UpstreamUnavailable.
@@ -266,7 +275,7 @@ class Upstreams:
             except OSError as exc:  # refused, unreachable
                 forget(exc)
                 return None, "connect", None
-            exchange = Exchange()
+            exchange = Exchange(self._max_event)
             conn.start(exchange, head, body, False, self._loop.time())
             exchange.arm(self._loop, self._first_byte_timeout, self._idle_timeout)
             try:

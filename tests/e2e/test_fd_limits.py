@@ -58,11 +58,22 @@ def test_the_soft_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
         assert _open_files(proxy.process.pid) == (4096, 4096)
 
 
-def test_the_connection_cap_keeps_health_answering_at_the_fd_limit(tmp_path: Path) -> None:
+# The proxy's loop: uvloop by default, the standard loop in scrub mode. At the fd limit
+# they differ (README, "Limits and failure behaviour"); the cap must hold on both.
+LOOPS = {"uvloop": {}, "asyncio": {"scrub_memory": True}}
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_the_connection_cap_keeps_health_answering_at_the_fd_limit(
+    tmp_path: Path, loop: str
+) -> None:
     key, digest = new_key()
     with mock_process() as mock:
         config = config_data(
-            [{"name": "m", "kind": "openai", "base_url": mock.url}], digest, header_timeout_s=60
+            [{"name": "m", "kind": "openai", "base_url": mock.url}],
+            digest,
+            header_timeout_s=60,
+            **LOOPS[loop],
         )
         with proxy_process(config, tmp_path, preexec_fn=_limit(200, 200)) as proxy:
             host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
@@ -73,6 +84,12 @@ def test_the_connection_cap_keeps_health_answering_at_the_fd_limit(tmp_path: Pat
                 _settled_fd_count(proxy.process.pid)  # it accepted all it is going to
                 with urllib.request.urlopen(proxy.admin_url + "/healthz", timeout=10) as r:
                     assert r.status == 200
+                # The cap held them off (in the backlog), rather than the loop shedding
+                # them at the limit: uvloop would not say so, the standard loop would.
+                with urllib.request.urlopen(proxy.admin_url + "/metrics", timeout=10) as r:
+                    exposition = r.read().decode()
+                assert "\nzrproxy_accept_pauses_total 1.0\n" in exposition
+                assert "\nzrproxy_refused_accepts_total 0.0\n" in exposition
             finally:
                 for sock in idle:
                     sock.close()

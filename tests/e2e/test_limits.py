@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -30,6 +32,29 @@ def _upstreams(mock: Mock) -> list[dict[str, Any]]:
     return [{"name": "mock", "kind": "openai", "base_url": mock.url}]
 
 
+@asynccontextmanager
+async def _one_stream_open(
+    client: aiohttp.ClientSession, proxy: RunningProxy
+) -> AsyncIterator[None]:
+    """A stream the mock paces over about a second, open for the block (it holds one
+    in-flight request, one stream and one of the project's concurrent slots)."""
+    first = await client.post(proxy.url + CHAT, data=_body("mock-n20-d50"), headers=proxy.auth())
+    try:
+        assert first.status == 200
+        yield
+    finally:
+        await first.read()
+        first.release()
+
+
+async def _status(
+    client: aiohttp.ClientSession, proxy: RunningProxy, path: str = CHAT, stream: bool = True
+) -> int:
+    async with client.post(proxy.url + path, data=_body("mock", stream), headers=proxy.auth()) as r:
+        await r.read()
+        return r.status
+
+
 async def test_share_divides_each_limit_between_workers() -> None:
     assert share(10, 1) == 10
     assert share(10, 4) == 2
@@ -40,11 +65,7 @@ async def test_max_in_flight_answers_503_without_upstream_work(
     mock: Mock, start_proxy: StartProxy
 ) -> None:
     proxy = await start_proxy(_upstreams(mock), max_in_flight=1)
-    async with aiohttp.ClientSession() as client:
-        first = await client.post(
-            proxy.url + CHAT, data=_body("mock-n20-d50"), headers=proxy.auth()
-        )
-        assert first.status == 200
+    async with aiohttp.ClientSession() as client, _one_stream_open(client, proxy):
         started = mock.stats.started
         for path in (CHAT, MESSAGES):
             async with client.post(
@@ -60,12 +81,8 @@ async def test_max_in_flight_answers_503_without_upstream_work(
             else:
                 assert payload["type"] == "error"
         assert mock.stats.started == started  # the refusals cost no upstream request
-        await first.read()
-        first.release()
-        # Load dropped: served again.
-        async with client.post(proxy.url + CHAT, data=_body("mock"), headers=proxy.auth()) as ok:
-            assert ok.status == 200
-            await ok.read()
+    async with aiohttp.ClientSession() as client:
+        assert await _status(client, proxy) == 200  # load dropped: served again
     assert await metric(proxy, "zrproxy_rejections_total", reason="overloaded") == 2
 
 
@@ -73,27 +90,16 @@ async def test_max_streams_caps_streams_not_plain_requests(
     mock: Mock, start_proxy: StartProxy
 ) -> None:
     proxy = await start_proxy(_upstreams(mock), max_streams=1)
-    async with aiohttp.ClientSession() as client:
-        first = await client.post(
-            proxy.url + CHAT, data=_body("mock-n20-d50"), headers=proxy.auth()
-        )
-        assert first.status == 200
+    async with aiohttp.ClientSession() as client, _one_stream_open(client, proxy):
         started = mock.stats.started
         async with client.post(proxy.url + CHAT, data=_body("mock"), headers=proxy.auth()) as r:
             assert r.status == 503
             assert r.headers["Retry-After"] == "1"
             assert orjson.loads(await r.read())["error"]["code"] == "overloaded"
         assert mock.stats.started == started
-        async with client.post(
-            proxy.url + CHAT, data=_body("mock", stream=False), headers=proxy.auth()
-        ) as plain:
-            assert plain.status == 200
-            await plain.read()
-        await first.read()
-        first.release()
-        async with client.post(proxy.url + CHAT, data=_body("mock"), headers=proxy.auth()) as r:
-            assert r.status == 200
-            await r.read()
+        assert await _status(client, proxy, stream=False) == 200
+    async with aiohttp.ClientSession() as client:
+        assert await _status(client, proxy) == 200
 
 
 async def _request_on_fresh_connection(url: str, headers: dict[str, str]) -> int:
@@ -134,11 +140,7 @@ async def test_project_max_concurrent_answers_429_in_each_api_format(
     mock: Mock, start_proxy: StartProxy
 ) -> None:
     proxy = await start_proxy(_upstreams(mock), project={"max_concurrent": 1})
-    async with aiohttp.ClientSession() as client:
-        first = await client.post(
-            proxy.url + CHAT, data=_body("mock-n20-d50"), headers=proxy.auth()
-        )
-        assert first.status == 200
+    async with aiohttp.ClientSession() as client, _one_stream_open(client, proxy):
         started = mock.stats.started
         async with client.post(proxy.url + CHAT, data=_body("mock"), headers=proxy.auth()) as r:
             assert r.status == 429
@@ -152,11 +154,8 @@ async def test_project_max_concurrent_answers_429_in_each_api_format(
         assert payload == {"type": "error", "error": payload["error"]}
         assert payload["error"]["type"] == "rate_limit_error"
         assert mock.stats.started == started
-        await first.read()
-        first.release()
-        async with client.post(proxy.url + CHAT, data=_body("mock"), headers=proxy.auth()) as r:
-            assert r.status == 200
-            await r.read()
+    async with aiohttp.ClientSession() as client:
+        assert await _status(client, proxy) == 200
     assert await metric(proxy, "zrproxy_rejections_total", reason="rate_limit") == 2
 
 
@@ -207,31 +206,22 @@ async def test_tokens_per_minute_from_the_usage_the_proxy_reads(
         assert mock.stats.started == started
 
 
-async def test_workers_divide_per_project_limits(mock: Mock, start_proxy: StartProxy) -> None:
-    # One of two workers (config says 2): it holds max_concurrent=2 to a share of 1.
-    proxy = await start_proxy(_upstreams(mock), project={"max_concurrent": 2}, workers=2)
-    async with aiohttp.ClientSession() as client:
-        first = await client.post(
-            proxy.url + CHAT, data=_body("mock-n20-d50"), headers=proxy.auth()
-        )
-        assert first.status == 200
-        async with client.post(proxy.url + CHAT, data=_body("mock"), headers=proxy.auth()) as r:
-            assert r.status == 429
-        await first.read()
-        first.release()
-
-
-async def test_workers_divide_global_caps(mock: Mock, start_proxy: StartProxy) -> None:
-    proxy = await start_proxy(_upstreams(mock), max_in_flight=4, workers=4)
-    async with aiohttp.ClientSession() as client:
-        first = await client.post(
-            proxy.url + CHAT, data=_body("mock-n20-d50"), headers=proxy.auth()
-        )
-        assert first.status == 200
-        async with client.post(proxy.url + CHAT, data=_body("mock"), headers=proxy.auth()) as r:
-            assert r.status == 503  # 4 / 4 workers = 1 per process
-        await first.read()
-        first.release()
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        # One of two workers (config says 2): it holds max_concurrent=2 to a share of 1.
+        ({"project": {"max_concurrent": 2}, "workers": 2}, 429),
+        # 4 / 4 workers = 1 per process.
+        ({"max_in_flight": 4, "workers": 4}, 503),
+    ],
+    ids=["per-project", "global"],
+)
+async def test_workers_divide_limits(
+    mock: Mock, start_proxy: StartProxy, settings: dict[str, Any], refused: int
+) -> None:
+    proxy = await start_proxy(_upstreams(mock), **settings)
+    async with aiohttp.ClientSession() as client, _one_stream_open(client, proxy):
+        assert await _status(client, proxy) == refused
 
 
 async def test_redis_holds_a_project_limit_across_processes(
@@ -277,17 +267,10 @@ async def test_unreachable_redis_falls_back_to_shares_and_says_so(
     proxy = await start_proxy(
         _upstreams(mock), project={"max_concurrent": 2}, limits={"redis_url": dead}, workers=2
     )
-    async with aiohttp.ClientSession() as client:
-        first = await client.post(
-            proxy.url + CHAT, data=_body("mock-n20-d50"), headers=proxy.auth()
-        )
-        assert first.status == 200  # still served
+    async with aiohttp.ClientSession() as client, _one_stream_open(client, proxy):  # served
         # The fallback share: 2 / 2 workers = 1 in this process.
         for _ in range(3):
-            async with client.post(proxy.url + CHAT, data=_body("mock"), headers=proxy.auth()) as r:
-                assert r.status == 429
-        await first.read()
-        first.release()
+            assert await _status(client, proxy) == 429
     assert await metric(proxy, "zrproxy_limits_backend", backend="local") == 1
     assert await metric(proxy, "zrproxy_limits_backend", backend="redis") == 0
     lines = [r.getMessage() for r in caplog.records if "redis unreachable" in r.getMessage()]

@@ -120,6 +120,7 @@ async def test_series_stay_within_the_config_bound(mock: Mock, start_proxy: Star
         "zrproxy_client_errors": len(CLIENT_ERROR_KINDS),
         "zrproxy_limits_backend": len(FIXED_ENUMS["backend"]),  # type: ignore[arg-type]
         "zrproxy_refused_accepts": 1,
+        "zrproxy_accept_pauses": 1,
     }
     assert set(series) <= set(bound), set(series) - set(bound)
     for name, count in series.items():

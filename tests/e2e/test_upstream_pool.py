@@ -1,5 +1,5 @@
-"""The upstream connection pool: the cap and the wait for a free connection, a stale
-pooled connection's one retry, idle expiry, a client that stops reading, and 1,000
+"""The upstream connection pool: the cap and the wait for a free connection (stale pooled
+connections: test_stale_connections.py), idle expiry, a client that stops reading, and 1,000
 concurrent requests over four connections each getting only their own answer."""
 
 from __future__ import annotations
@@ -139,26 +139,6 @@ async def test_pool_timeout_fails_over_like_a_connect_failure(
             == 1
         )
         assert len(upstream.requests) == 1  # the waiting request never reached it
-    finally:
-        await upstream.stop()
-
-
-async def test_a_stale_pooled_connection_is_retried_once(start_proxy: StartProxy) -> None:
-    # Request 0 is answered; request 1 arrives on the same connection, which the
-    # upstream then closes without a byte (its keep-alive timer raced ours).
-    def script(index: int, _head: bytes) -> list[Step]:
-        return ["close"] if index == 1 else [json_response(b'{"n":%d}' % index)]
-
-    upstream = await RawUpstream(script).start()
-    try:
-        proxy = await start_proxy([{"name": "raw", "kind": "openai", "base_url": upstream.url}])
-        async with aiohttp.ClientSession() as client:
-            first = await _post(client, proxy)
-            second = await _post(client, proxy)
-        assert first == (200, b'{"n":0}')
-        assert second == (200, b'{"n":2}')  # the retry, on a fresh connection
-        assert [conn for conn, _ in upstream.requests] == [1, 1, 2]
-        assert await metric(proxy, "zrproxy_upstream_errors_total", upstream="raw") == 0
     finally:
         await upstream.stop()
 

@@ -32,7 +32,8 @@ ALLOWED: dict[str, set[str]] = {
     "mock_upstream": {"mock_wire"},
     # on errors only
     "dialects": {"errors"},
-    "http1": {"errors", "outcomes"},
+    "sse": set(),
+    "http1": {"errors", "outcomes", "sse"},
     "pool": {"http1"},
     "streaming": {"http1", "outcomes", "usage"},
     # on dialects
@@ -44,7 +45,16 @@ ALLOWED: dict[str, set[str]] = {
     "policy": {"config", "metrics", "routing"},
     "audit": {"auditfiles", "config", "metrics", "usage"},
     "auditcli": {"auditfiles", "config", "errors"},
-    "upstream": {"config", "dialects", "errors", "headers", "http1", "outcomes", "pool"},
+    "upstream": {
+        "config",
+        "dialects",
+        "errors",
+        "headers",
+        "http1",
+        "listener",
+        "outcomes",
+        "pool",
+    },
     "limits": {"config", "errors"},
     "listener": set(),
     "connection": {"config", "errors"},
