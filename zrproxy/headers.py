@@ -9,6 +9,7 @@ Never copies a header value into anything but the outgoing request or response.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -51,6 +52,50 @@ UPSTREAM_REQUEST_IDS = frozenset({"x-request-id", "request-id"})
 UPSTREAM_REQUEST_ID = "x-upstream-request-id"
 _NONE: frozenset[str] = frozenset()
 
+
+class RequestHeaders:
+    """A request's header fields as llhttp gave them (name and value bytes), looked up
+    case-insensitively. Values are decoded as aiohttp's server did (UTF-8, undecodable
+    bytes kept as surrogates), so what the client sent is what goes upstream."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        key = name.lower().encode("latin-1")
+        for n, v in self._raw:
+            if n.lower() == key:
+                return v.decode("utf-8", "surrogateescape")
+        return default
+
+    def getall(self, name: str, default: Iterable[str] = ()) -> list[str]:
+        key = name.lower().encode("latin-1")
+        found = [v.decode("utf-8", "surrogateescape") for n, v in self._raw if n.lower() == key]
+        return found or list(default)
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        key = name.lower().encode("latin-1")
+        return any(n.lower() == key for n, _ in self._raw)
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        for n, v in self._raw:
+            yield n.decode("latin-1"), v.decode("utf-8", "surrogateescape")
+
+    @property
+    def raw(self) -> list[tuple[bytes, bytes]]:
+        return self._raw
+
+    def clear(self) -> None:
+        self._raw.clear()
+
+
+# What the filters read a request's headers through: our server's, or a multidict.
+IncomingHeaders = RequestHeaders | CIMultiDictProxy[str]
+
 REQUEST_ID = "X-Request-Id"
 # A client-chosen id is passed through only if it is short and plain; anything else is
 # replaced, so an id can never smuggle content into our logs or the upstream's.
@@ -67,7 +112,7 @@ def request_id(incoming: str | None) -> str:
     return new_id()
 
 
-def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+def _connection_named(headers: IncomingHeaders) -> frozenset[str]:
     """The headers this message's Connection lists: hop-by-hop, even if allowlisted
     (RFC 9110 7.6.1)."""
     listed = headers.getall("Connection", ())
@@ -77,7 +122,7 @@ def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
 
 
 def upstream_request_headers(
-    incoming: CIMultiDictProxy[str], injected: dict[str, str]
+    incoming: IncomingHeaders, injected: dict[str, str]
 ) -> CIMultiDict[str]:
     """The client's allowlisted headers, then the upstream's own (`injected` wins)."""
     out: CIMultiDict[str] = CIMultiDict()

@@ -5,7 +5,7 @@ We own the listening socket and hand the event loop a duplicate of it for each p
 of accepting. Pausing closes the loop's server (and so only the duplicate): the socket
 itself stays listening, and the kernel queues new connections in its backlog until we
 resume with a fresh duplicate. Public asyncio/aiohttp APIs only, on uvloop and the
-standard loop alike.
+standard loop alike, for any protocol factory.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import socket
 import time
 from collections.abc import Callable
 from typing import Any
-
-from aiohttp import web
 
 log = logging.getLogger("zrproxy")
 
@@ -46,37 +44,35 @@ def listening_socket(host: str, port: int, *, reuse_port: bool, backlog: int) ->
     return sock
 
 
-class PausableSite(web.BaseSite):
-    """An aiohttp site on our own listening socket, with `pause()` and `resume()`."""
+class PausableListener:
+    """The loop's server on our own listening socket, with `pause()` and `resume()`."""
 
-    __slots__ = ("_name", "_paused", "_sock")
+    __slots__ = ("_backlog", "_factory", "_paused", "_server", "_sock")
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, backlog: int) -> None:
-        super().__init__(runner, backlog=backlog)
+    def __init__(
+        self, factory: Callable[[], asyncio.Protocol], sock: socket.socket, backlog: int
+    ) -> None:
+        self._factory = factory
         self._sock: socket.socket | None = sock
+        self._backlog = backlog
+        self._server: asyncio.Server | None = None
         self._paused = False
-        host, port = sock.getsockname()[:2]
-        self._name = f"http://{host}:{port}"
 
     @property
-    def name(self) -> str:
-        return self._name
+    def address(self) -> tuple[str, int]:
+        assert self._sock is not None
+        host, port = self._sock.getsockname()[:2]
+        return host, port
 
     @property
     def paused(self) -> bool:
         return self._paused
 
     async def start(self) -> None:
-        await super().start()
-        await self._serve()
-
-    async def _serve(self) -> None:
         assert self._sock is not None
-        server = self._runner.server
-        assert server is not None
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            server, sock=self._sock.dup(), backlog=self._backlog
+            self._factory, sock=self._sock.dup(), backlog=self._backlog
         )
 
     def pause(self) -> None:
@@ -91,7 +87,7 @@ class PausableSite(web.BaseSite):
         if not self._paused or self._sock is None:
             return
         self._paused = False
-        await self._serve()
+        await self.start()
 
     async def restart(self, after_s: float) -> None:
         """Accept again on a fresh duplicate after the loop closed its server."""
@@ -105,7 +101,11 @@ class PausableSite(web.BaseSite):
         await self.resume()
 
     async def stop(self) -> None:
-        await super().stop()
+        """Stop accepting for good (the connections stay: the caller closes them)."""
+        self._paused = True
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None

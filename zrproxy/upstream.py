@@ -14,8 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from multidict import CIMultiDictProxy
-
 from zrproxy.config import Config, UpstreamConfig
 from zrproxy.dialects import ANTHROPIC_VERSION, ENDPOINTS, UpstreamBodies, auth_headers
 from zrproxy.errors import (
@@ -25,7 +23,7 @@ from zrproxy.errors import (
     UpstreamUnavailable,
     forget,
 )
-from zrproxy.headers import upstream_request_headers
+from zrproxy.headers import IncomingHeaders, upstream_request_headers
 from zrproxy.http1 import Exchange
 from zrproxy.outcomes import FailureKind
 from zrproxy.pool import Pool, PoolTimeout
@@ -125,7 +123,7 @@ class Upstreams:
         self,
         upstreams: tuple[UpstreamConfig, ...],
         path: str,
-        incoming_headers: CIMultiDictProxy[str],
+        incoming_headers: IncomingHeaders,
         request_id: str,
         bodies: UpstreamBodies,
         on_failure: Callable[[str, FailureKind], None],
@@ -222,7 +220,7 @@ class Upstreams:
         self,
         upstream: _Upstream,
         path: str,
-        incoming: CIMultiDictProxy[str],
+        incoming: IncomingHeaders,
         rid: str,
         body_size: int,
     ) -> bytes:

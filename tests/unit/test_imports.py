@@ -34,11 +34,12 @@ ALLOWED: dict[str, set[str]] = {
     "dialects": {"errors"},
     "http1": {"errors", "outcomes"},
     "pool": {"http1"},
-    "streaming": {"http1", "outcomes", "usage"},
+    "request": {"errors", "headers"},  # what a handler sees of a request and answers with
+    "streaming": {"http1", "outcomes", "request", "usage"},
     # on dialects
     "config": {"dialects", "errors"},
     # on config
-    "auth": {"config", "errors"},
+    "auth": {"config", "errors", "headers"},
     "routing": {"config", "errors"},
     "checks": {"config"},
     "policy": {"config", "metrics", "routing"},
@@ -47,7 +48,8 @@ ALLOWED: dict[str, set[str]] = {
     "upstream": {"config", "dialects", "errors", "headers", "http1", "outcomes", "pool"},
     "limits": {"config", "errors"},
     "listener": set(),
-    "connection": {"config", "errors"},
+    "connection": {"errors"},
+    "server": {"config", "dialects", "errors", "headers", "request"},  # the API's HTTP/1.1
     "reload": {"config", "errors"},
     "admin": {"config", "errors"},
     # the request handlers, the service, its processes, the command line
@@ -64,6 +66,7 @@ ALLOWED: dict[str, set[str]] = {
         "metrics",
         "outcomes",
         "policy",
+        "request",
         "retention_rules",
         "routing",
         "streaming",
@@ -81,7 +84,9 @@ ALLOWED: dict[str, set[str]] = {
         "metrics",
         "policy",
         "proxy",
+        "request",
         "routing",
+        "server",
         "upstream",
     },
     "workers": {
