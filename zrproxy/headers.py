@@ -1,7 +1,9 @@
 """Which HTTP headers cross the proxy, in each direction.
 
 The filters are frozensets built at import. Per request: one pass over each header
-list, plus the names its Connection header lists, and a request id.
+list, plus the names its Connection header lists, and a request id. Request headers are
+filtered as the byte pairs llhttp gave our server, never decoded or copied into a
+multidict.
 
 Never copies a header value into anything but the outgoing request or response.
 """
@@ -33,6 +35,7 @@ REQUEST_ALLOWLIST = frozenset(
         "openai-beta",
     }
 )
+_REQUEST_ALLOWED = frozenset(name.encode() for name in REQUEST_ALLOWLIST)
 
 # Upstream -> client: what a client or SDK acts on. Framing (Content-Length,
 # Transfer-Encoding) is recomputed by our server; streaming responses get SSE_HEADERS.
@@ -51,6 +54,7 @@ RESPONSE_ALLOWLIST = frozenset(
 UPSTREAM_REQUEST_IDS = frozenset({"x-request-id", "request-id"})
 UPSTREAM_REQUEST_ID = "x-upstream-request-id"
 _NONE: frozenset[str] = frozenset()
+_NO_BYTES: frozenset[bytes] = frozenset()
 
 
 class RequestHeaders:
@@ -93,7 +97,7 @@ class RequestHeaders:
         self._raw.clear()
 
 
-# What the filters read a request's headers through: our server's, or a multidict.
+# What `presented_key` and `request_id` read a request's headers through.
 IncomingHeaders = RequestHeaders | CIMultiDictProxy[str]
 
 REQUEST_ID = "X-Request-Id"
@@ -112,7 +116,7 @@ def request_id(incoming: str | None) -> str:
     return new_id()
 
 
-def _connection_named(headers: IncomingHeaders) -> frozenset[str]:
+def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """The headers this message's Connection lists: hop-by-hop, even if allowlisted
     (RFC 9110 7.6.1)."""
     listed = headers.getall("Connection", ())
@@ -121,20 +125,26 @@ def _connection_named(headers: IncomingHeaders) -> frozenset[str]:
     return frozenset(token.strip().lower() for value in listed for token in value.split(","))
 
 
-def upstream_request_headers(
-    incoming: IncomingHeaders, injected: dict[str, str]
-) -> CIMultiDict[str]:
-    """The client's allowlisted headers, then the upstream's own (`injected` wins)."""
-    out: CIMultiDict[str] = CIMultiDict()
-    hop = _connection_named(incoming)
-    for name, value in incoming.items():
+def upstream_request_fields(
+    incoming: RequestHeaders, injected: tuple[tuple[bytes, bytes], ...]
+) -> list[tuple[bytes, bytes]]:
+    """The client's allowlisted fields, then the upstream's own (`injected`, which
+    replace the client's of the same name)."""
+    raw = incoming.raw
+    hop = _NO_BYTES
+    for name, value in raw:
+        if name.lower() == b"connection":
+            hop = hop | {token.strip().lower() for token in value.split(b",")}
+    replaced = {name.lower() for name, _ in injected}
+    out = [
+        (name, value)
+        for name, value in raw
         # Exact names only: `Content_Type` is not `Content-Type` to us, but some servers
         # read underscores as dashes, so such spellings never pass.
-        lower = name.lower()
-        if lower in REQUEST_ALLOWLIST and lower not in hop:
-            out.add(name, value)
-    for name, value in injected.items():
-        out[name] = value
+        if (lower := name.lower()) in _REQUEST_ALLOWED and lower not in hop
+        and lower not in replaced
+    ]  # fmt: skip
+    out.extend(injected)
     return out
 
 

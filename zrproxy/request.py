@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterable, Mapping
 from email.utils import formatdate
@@ -29,6 +30,11 @@ from zrproxy.errors import InvalidRequest
 from zrproxy.headers import RequestHeaders
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# A compressed body is decoded at most this many bytes per read, so a small body that
+# inflates to gigabytes meets the handler's size check one step at a time.
+_DECODE_STEP = 64 * 1024
+# Content-Encodings we decode (the upstream gets the plain body, and no Content-Encoding).
+ENCODINGS = frozenset({b"gzip", b"x-gzip", b"deflate"})
 _LAST_CHUNK = b"0\r\n\r\n"
 # Above this, a chunk goes out as writev((size line, chunk, CRLF)) rather than one
 # joined copy (a copy is cheaper than writev's iovec setup for SSE-sized chunks).
@@ -60,6 +66,9 @@ class Request:
         "_chunks",
         "_conn",
         "_continued",
+        "_decoder",
+        "_encoding",
+        "_undecoded",
         "_waiter",
         "broken",
         "chunked",
@@ -87,6 +96,7 @@ class Request:
         chunked: bool,
         keep_alive: bool,
         expect_continue: bool,
+        encoding: bytes = b"",
     ) -> None:
         self._conn: Connection | None = conn
         self.method = method
@@ -106,6 +116,9 @@ class Request:
         self._body_size = 0  # bytes in _chunks
         self._waiter: asyncio.Future[None] | None = None
         self._continued = False
+        self._encoding = encoding  # the Content-Encoding, lower-cased; b"" for none
+        self._decoder: zlib._Decompress | None = None
+        self._undecoded = b""  # compressed input the decoder has not taken yet
 
     # --- for the handler ------------------------------------------------------------------
 
@@ -143,8 +156,40 @@ class Request:
             transport.write(_CONTINUE)
 
     async def read_chunk(self) -> bytes:
-        """The next piece of the body; b"" at its end. InvalidRequest if its framing
-        broke (llhttp's reason is dropped by the server)."""
+        """The next piece of the body, decoded if it came gzip- or deflate-encoded; b""
+        at its end. InvalidRequest if its framing or its encoding is broken, or its
+        encoding is one we don't decode."""
+        if not self._encoding or self._encoding == b"identity":
+            return await self._read_raw()
+        if self._encoding not in ENCODINGS:
+            raise InvalidRequest()
+        while True:
+            data = self._undecoded
+            if not data:
+                data = await self._read_raw()
+            decoder = self._decoder
+            if decoder is None:
+                if not data:
+                    return b""  # an empty body: nothing to decode
+                decoder = self._decoder = zlib.decompressobj(_wbits(self._encoding, data))
+            if not data:
+                if not decoder.eof:
+                    raise InvalidRequest()  # the compressed stream was cut short
+                return b""
+            failed = False
+            try:
+                out = decoder.decompress(data, _DECODE_STEP)
+            except zlib.error:
+                failed = True  # zlib's messages are fixed texts; the input is not in them
+                out = b""
+            data = b""
+            if failed or (decoder.eof and decoder.unused_data):
+                raise InvalidRequest()
+            self._undecoded = decoder.unconsumed_tail
+            if out:
+                return out
+
+    async def _read_raw(self) -> bytes:
         while True:
             chunks = self._chunks
             if chunks:
@@ -186,6 +231,8 @@ class Request:
         self.headers.clear()
         self._chunks.clear()
         self._body_size = 0
+        self._decoder = None
+        self._undecoded = b""
         self._conn = None
         self.eof = True
         self._wake()
@@ -194,6 +241,14 @@ class Request:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _wbits(encoding: bytes, first: bytes) -> int:
+    if encoding != b"deflate":
+        return 16 + zlib.MAX_WBITS  # gzip
+    # "deflate" is the zlib format by the RFC; some clients send raw deflate (no header).
+    zlib_header = len(first) >= 2 and first[0] & 0x0F == 8 and (first[0] << 8 | first[1]) % 31 == 0
+    return zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS
 
 
 class Response:

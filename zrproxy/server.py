@@ -159,6 +159,7 @@ class HttpProtocol(asyncio.Protocol):
         "_config",
         "_content_length",
         "_drain_waiters",
+        "_encoding",
         "_error",
         "_expect",
         "_fields",
@@ -217,6 +218,7 @@ class HttpProtocol(asyncio.Protocol):
         self._te = 0  # Transfer-Encoding fields; -1 once one is not exactly "chunked"
         self._content_length: int | None = None
         self._expect = False
+        self._encoding = b""
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -314,6 +316,7 @@ class HttpProtocol(asyncio.Protocol):
         self._fields = self._te = 0
         self._content_length = None
         self._expect = False
+        self._encoding = b""
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
@@ -334,6 +337,9 @@ class HttpProtocol(asyncio.Protocol):
             self._te = 1 if chunked and self._te == 0 else -1
         elif lower == b"content-length":
             self._content_length = int(value)  # llhttp let through digits only, once
+        elif lower == b"content-encoding":
+            # Two of them: a coding we would have to guess the order of; refused on read.
+            self._encoding = b"?" if self._encoding else value.strip(b" \t").lower()
         elif lower == b"expect":
             self._expect = value.strip(b" \t").lower() == b"100-continue"
         self._raw.append((name, value))
@@ -364,6 +370,7 @@ class HttpProtocol(asyncio.Protocol):
             self._te == 1,
             parser.should_keep_alive(),
             self._expect,
+            self._encoding,
         )
         self._raw = []
         self._requests += 1

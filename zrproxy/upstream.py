@@ -23,7 +23,7 @@ from zrproxy.errors import (
     UpstreamUnavailable,
     forget,
 )
-from zrproxy.headers import IncomingHeaders, upstream_request_headers
+from zrproxy.headers import RequestHeaders, upstream_request_fields
 from zrproxy.http1 import Exchange
 from zrproxy.outcomes import FailureKind
 from zrproxy.pool import Pool, PoolTimeout
@@ -31,13 +31,14 @@ from zrproxy.pool import Pool, PoolTimeout
 # How long an idle pooled connection is kept (aiohttp's connector used the same).
 KEEPALIVE_S = 30.0
 _FORBIDDEN_IN_HEAD = ("\r", "\n", "\0")
+_ANTHROPIC_VERSION = b"anthropic-version: %b\r\n" % ANTHROPIC_VERSION.encode()
 
 
 @dataclass(slots=True)
 class _Upstream:
     config: UpstreamConfig
     pool: Pool
-    injected_headers: dict[str, str]
+    injected_headers: tuple[tuple[bytes, bytes], ...]
     # Per endpoint: the request line and Host header, precomputed.
     request_lines: dict[str, bytes]
 
@@ -109,7 +110,11 @@ class Upstreams:
                 path: f"POST {url.path}{path[3:]} HTTP/1.1\r\nHost: {host_header}\r\n".encode()
                 for path in ENDPOINTS
             }
-            self._by_name[upstream.name] = _Upstream(upstream, pool, injected, lines)
+            fields = tuple(
+                (n.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+                for n, v in injected.items()
+            )
+            self._by_name[upstream.name] = _Upstream(upstream, pool, fields, lines)
 
     def pool(self, name: str) -> Pool:
         return self._by_name[name].pool
@@ -123,7 +128,7 @@ class Upstreams:
         self,
         upstreams: tuple[UpstreamConfig, ...],
         path: str,
-        incoming_headers: IncomingHeaders,
+        incoming_headers: RequestHeaders,
         request_id: str,
         bodies: UpstreamBodies,
         on_failure: Callable[[str, FailureKind], None],
@@ -220,22 +225,24 @@ class Upstreams:
         self,
         upstream: _Upstream,
         path: str,
-        incoming: IncomingHeaders,
+        incoming: RequestHeaders,
         rid: str,
         body_size: int,
     ) -> bytes:
-        headers = upstream_request_headers(incoming, upstream.injected_headers)
-        headers["X-Request-Id"] = rid
-        if upstream.config.kind == "anthropic" and "anthropic-version" not in headers:
-            headers["anthropic-version"] = ANTHROPIC_VERSION
-        block = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+        fields = upstream_request_fields(incoming, upstream.injected_headers)
+        lines = [b"%b: %b\r\n" % field for field in fields]
+        lines.append(b"X-Request-Id: %b\r\n" % rid.encode("ascii"))
+        if upstream.config.kind == "anthropic" and not any(
+            name.lower() == b"anthropic-version" for name, _ in fields
+        ):
+            lines.append(_ANTHROPIC_VERSION)
+        block = b"".join(lines)
         # Our server's parser (llhttp) refuses line breaks in header fields; a field that
         # still had one would let a client write its own request line upstream.
-        lines = len(headers)
-        if block.count("\n") != lines or block.count("\r") != lines or "\0" in block:
+        if block.count(b"\n") != len(lines) or block.count(b"\r") != len(lines) or b"\0" in block:
             raise InvalidRequest()
         return b"%b%bContent-Length: %d\r\n\r\n" % (
             upstream.request_lines[path],
-            block.encode("utf-8", "surrogateescape"),
+            block,
             body_size,
         )

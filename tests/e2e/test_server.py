@@ -1,11 +1,12 @@
 """Our HTTP/1.1 server (zrproxy/server.py) on raw sockets: pipelined requests answered
 in order, HTTP/1.0 and 1.1 keep-alive and close, HEAD without a body, no Server field,
 100-continue only after the checks, a client that leaves cancels its upstream request,
-and a refused body read no further."""
+a refused body read no further, and compressed bodies decoded within the body limit."""
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 from typing import Any
 
 import orjson
@@ -219,3 +220,46 @@ async def test_a_refused_body_is_not_read_as_a_next_request(
     assert await _closed(reader)
     writer.close()
     assert mock.stats.started == 0
+
+
+async def _post_encoded(proxy: RunningProxy, body: bytes, encoding: str) -> bytes:
+    reader, writer = await _connect(proxy)
+    writer.write(
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {proxy.key}\r\n"
+        f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    line, _, payload = await _response(reader)
+    writer.close()
+    return line.split()[1] + b" " + orjson.loads(payload)["error"]["code"].encode()
+
+
+async def test_a_compressed_body_is_bounded_by_max_body_bytes_once_decoded(
+    mock: Mock, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(_upstreams(mock), max_body_bytes=100_000)
+    bomb = gzip.compress(b" " * 20_000_000)  # ~20 KB that inflate to 20 MB
+    assert len(bomb) < 100_000
+    assert await _post_encoded(proxy, bomb, "gzip") == b"413 request_too_large"
+    assert mock.stats.started == 0
+
+
+async def test_broken_or_unknown_content_encodings_are_400(
+    mock: Mock, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(_upstreams(mock))
+    body = orjson.dumps({"model": "mock", "messages": [{"role": "user", "content": "hi"}]})
+    whole = gzip.compress(body)
+    assert await _post_encoded(proxy, whole[:-8], "gzip") == b"400 invalid_request"  # cut
+    assert await _post_encoded(proxy, body, "gzip") == b"400 invalid_request"  # not gzip
+    assert await _post_encoded(proxy, whole, "br") == b"400 invalid_request"  # not decoded
+    assert await _post_encoded(proxy, whole + b"x", "gzip") == b"400 invalid_request"
+    assert mock.stats.started == 0
+    reader, writer = await _connect(proxy)  # and a good one is served
+    writer.write(
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {proxy.key}\r\n"
+        f"Content-Encoding: gzip\r\nContent-Length: {len(whole)}\r\n\r\n".encode()
+        + whole
+    )
+    assert (await _response(reader))[0].startswith(b"HTTP/1.1 200")
+    writer.close()

@@ -12,15 +12,26 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from zrproxy.headers import (
     REQUEST_ID,
     UPSTREAM_REQUEST_ID,
+    RequestHeaders,
     client_response_headers,
     request_id,
-    upstream_request_headers,
+    upstream_request_fields,
 )
 from zrproxy.usage import UsageTap
 
 
 def proxy_of(items: list[tuple[str, str]]) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(CIMultiDict(items))
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str], injected: dict[str, str]
+) -> CIMultiDict[str]:
+    """The request filter on the byte pairs our server hands it, read back as text."""
+    raw = [(n.encode(), v.encode()) for n, v in incoming.items()]
+    fields = tuple((n.encode(), v.encode()) for n, v in injected.items())
+    out = upstream_request_fields(RequestHeaders(raw), fields)
+    return CIMultiDict((n.decode(), v.decode()) for n, v in out)
 
 
 HOP_BY_HOP = [
