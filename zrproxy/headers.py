@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 from zrproxy.ids import new_id
 
@@ -38,7 +38,7 @@ REQUEST_ALLOWLIST = frozenset(
 _REQUEST_ALLOWED = frozenset(name.encode() for name in REQUEST_ALLOWLIST)
 
 # Upstream -> client: what a client or SDK acts on. Framing (Content-Length,
-# Transfer-Encoding) is recomputed by our server; streaming responses get SSE_HEADERS.
+# Transfer-Encoding) is recomputed by our server; streaming responses get SSE_FIELDS.
 RESPONSE_ALLOWLIST = frozenset(
     {
         "content-type",
@@ -53,7 +53,6 @@ RESPONSE_ALLOWLIST = frozenset(
 # Anthropic's request-id, returned under their own name so ours stays X-Request-Id.
 UPSTREAM_REQUEST_IDS = frozenset({"x-request-id", "request-id"})
 UPSTREAM_REQUEST_ID = "x-upstream-request-id"
-_NONE: frozenset[str] = frozenset()
 _NO_BYTES: frozenset[bytes] = frozenset()
 
 
@@ -106,7 +105,7 @@ REQUEST_ID = "X-Request-Id"
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 # Streaming responses must not be buffered by anything between us and the client.
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_FIELDS = [(b"Cache-Control", b"no-cache"), (b"X-Accel-Buffering", b"no")]
 
 
 def request_id(incoming: str | None) -> str:
@@ -114,15 +113,6 @@ def request_id(incoming: str | None) -> str:
     if incoming is not None and _REQUEST_ID_OK.fullmatch(incoming):
         return incoming
     return new_id()
-
-
-def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """The headers this message's Connection lists: hop-by-hop, even if allowlisted
-    (RFC 9110 7.6.1)."""
-    listed = headers.getall("Connection", ())
-    if not listed:
-        return _NONE
-    return frozenset(token.strip().lower() for value in listed for token in value.split(","))
 
 
 def upstream_request_fields(
@@ -148,17 +138,29 @@ def upstream_request_fields(
     return out
 
 
-def client_response_headers(upstream: CIMultiDictProxy[str], rid: str) -> CIMultiDict[str]:
-    """The upstream's allowlisted headers, its request id renamed, plus our request id."""
-    out: CIMultiDict[str] = CIMultiDict()
-    hop = _connection_named(upstream)
-    for name, value in upstream.items():
+_RESPONSE_ALLOWED = frozenset(name.encode() for name in RESPONSE_ALLOWLIST)
+_UPSTREAM_REQUEST_IDS = frozenset(name.encode() for name in UPSTREAM_REQUEST_IDS)
+_UPSTREAM_REQUEST_ID = UPSTREAM_REQUEST_ID.encode()
+_REQUEST_ID = REQUEST_ID.encode()
+
+
+def client_response_fields(
+    upstream: list[tuple[bytes, bytes]], rid: str
+) -> list[tuple[bytes, bytes]]:
+    """The upstream's allowlisted fields (as its byte pairs), its request id renamed,
+    plus our request id."""
+    hop = _NO_BYTES
+    for name, value in upstream:
+        if name.lower() == b"connection":
+            hop = hop | {token.strip().lower() for token in value.split(b",")}
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in upstream:
         lower = name.lower()
         if lower in hop:
             continue
-        if lower in RESPONSE_ALLOWLIST:
-            out.add(name, value)
-        elif lower in UPSTREAM_REQUEST_IDS:
-            out.add(UPSTREAM_REQUEST_ID, value)
-    out[REQUEST_ID] = rid
+        if lower in _RESPONSE_ALLOWED:
+            out.append((name, value))
+        elif lower in _UPSTREAM_REQUEST_IDS:
+            out.append((_UPSTREAM_REQUEST_ID, value))
+    out.append((_REQUEST_ID, rid.encode("ascii")))
     return out

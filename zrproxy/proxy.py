@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from multidict import CIMultiDict, CIMultiDictProxy
-
 from zrproxy.audit import RETENTION_HEADER, AuditLog, AuditRecord, RecordingTap, retention_mode
 from zrproxy.auth import Authenticator
 from zrproxy.caches import forget_request_urls
@@ -48,7 +46,7 @@ from zrproxy.errors import (
     UpstreamTimeout,
     ZeroRetentionConflict,
 )
-from zrproxy.headers import REQUEST_ID, SSE_HEADERS, client_response_headers, request_id
+from zrproxy.headers import REQUEST_ID, SSE_FIELDS, client_response_fields, request_id
 from zrproxy.http1 import Exchange
 from zrproxy.limits import Lease, Limits
 from zrproxy.metrics import NOT_KNOWN, Metrics, status_class
@@ -71,6 +69,7 @@ POLICY_PATH = "/v1/policy"
 _OVERLOAD_RETRY_S = 1
 # Request targets that are our own fixed strings; any other target may carry content.
 _PLAIN_TARGETS = frozenset([*ENDPOINTS, MODELS_PATH, POLICY_PATH])
+_RETENTION_FIELD = RETENTION_HEADER.encode()
 
 
 @dataclass(slots=True)
@@ -116,13 +115,6 @@ class _Exchange:
 
 def _media_type(content_type: bytes) -> bytes:
     return content_type.partition(b";")[0].strip().lower()
-
-
-def _header_view(raw: list[tuple[bytes, bytes]]) -> CIMultiDictProxy[str]:
-    # latin-1 maps every byte; what the upstream sent is what the client gets.
-    return CIMultiDictProxy(
-        CIMultiDict([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw])
-    )
 
 
 def _failure_outcome(ex: _Exchange, error: ProxyError) -> Outcome:
@@ -319,11 +311,12 @@ class Proxy:
             # client, key and prompt included, to a host that is no subprocessor of ours.
             raise UpstreamRedirected()
         ex.is_sse = _media_type(upstream.content_type) == b"text/event-stream"
-        headers = client_response_headers(_header_view(upstream.headers), ex.rid)
+        # The upstream's bytes as they came (llhttp refused line breaks in them).
+        fields = client_response_fields(upstream.headers, ex.rid)
         if ex.is_sse:
-            headers.update(SSE_HEADERS)
+            fields += SSE_FIELDS
         if ex.retention is not None:
-            headers[RETENTION_HEADER] = ex.retention
+            fields.append((_RETENTION_FIELD, ex.retention.encode("ascii")))
         ex.status = upstream.status
         if upstream.ended and not ex.is_sse:
             # All of it is here (most non-streaming answers): one write for head and
@@ -335,10 +328,10 @@ class Proxy:
             ex.outcome = whole.outcome
             if ex.audit is not None:
                 ex.audit.sent(whole.bytes_out)
-            ex.response = Response(upstream.status, body, headers)
+            ex.response = Response(upstream.status, body, fields=fields)
             return ex.response
         length = None if ex.is_sse else upstream.content_length
-        out = StreamingResponse(upstream.status, headers, length)
+        out = StreamingResponse(upstream.status, fields, length)
         ex.response = out
         if ex.is_sse:
             self._metrics.open_streams.inc()

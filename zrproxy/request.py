@@ -45,6 +45,7 @@ _date_second = 0
 _date_line = b""
 
 HeaderItems = Mapping[str, str] | Iterable[tuple[str, str]]
+Fields = list[tuple[bytes, bytes]]  # a response's header fields, as they go on the wire
 
 
 class Connection(Protocol):
@@ -262,12 +263,16 @@ class Response:
         body: bytes = b"",
         headers: HeaderItems | None = None,
         content_type: str | None = None,
+        *,
+        fields: Fields | None = None,
     ) -> None:
         self.status = status
         self.body = body
-        items = list(_items(headers)) if headers is not None else []
-        if content_type is not None:
-            items.insert(0, ("Content-Type", content_type))
+        items: Fields = [] if content_type is None else [(b"Content-Type", content_type.encode())]
+        if fields is not None:
+            items += fields
+        if headers is not None:
+            items += _encoded(headers)
         self.headers = items
         self.close = False
         self.prepared = False  # a whole response never starts before it is returned
@@ -294,11 +299,9 @@ class StreamingResponse:
         "status",
     )
 
-    def __init__(
-        self, status: int, headers: HeaderItems, content_length: int | None = None
-    ) -> None:
+    def __init__(self, status: int, fields: Fields, content_length: int | None = None) -> None:
         self.status = status
-        self.headers = list(_items(headers))
+        self.headers = fields
         self.content_length = content_length
         self.prepared = False
         self.finished = False
@@ -381,10 +384,9 @@ class StreamingResponse:
             transport.write(_LAST_CHUNK)
 
 
-def _items(headers: HeaderItems) -> Iterable[tuple[str, str]]:
-    if isinstance(headers, Mapping):
-        return headers.items()
-    return headers
+def _encoded(headers: HeaderItems) -> Fields:
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in items]
 
 
 def _status_line(version: bytes, status: int) -> bytes:
@@ -411,7 +413,7 @@ def _date() -> bytes:
 def render_head(
     version: bytes,
     status: int,
-    headers: Iterable[tuple[str, str]],
+    headers: Iterable[tuple[bytes, bytes]],
     content_length: int | None,
     chunked: bool,
     keep_alive: bool,
@@ -419,8 +421,8 @@ def render_head(
     """A response head: status line, the given fields, then Date and our framing and
     connection fields (no Server field: it tells a scanner which CVEs to try)."""
     parts = [_status_line(b"1.0" if version == b"1.0" else b"1.1", status)]
-    for name, value in headers:
-        parts.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    for field in headers:
+        parts.append(b"%b: %b\r\n" % field)
     parts.append(_date())
     if chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")

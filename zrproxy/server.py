@@ -71,7 +71,7 @@ _METHODS = {m: m.decode("ascii") for m in (b"GET", b"POST", b"HEAD", b"PUT", b"D
 def _refusal(error: ProxyError) -> bytes:
     body = error_body("openai", error)
     head = render_head(
-        b"1.1", error.status, [("Content-Type", "application/json")], len(body), False, False
+        b"1.1", error.status, [(b"Content-Type", b"application/json")], len(body), False, False
     )
     return head + body
 

@@ -13,7 +13,7 @@ from zrproxy.headers import (
     REQUEST_ID,
     UPSTREAM_REQUEST_ID,
     RequestHeaders,
-    client_response_headers,
+    client_response_fields,
     request_id,
     upstream_request_fields,
 )
@@ -22,6 +22,13 @@ from zrproxy.usage import UsageTap
 
 def proxy_of(items: list[tuple[str, str]]) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(CIMultiDict(items))
+
+
+def client_response_headers(upstream: CIMultiDictProxy[str], rid: str) -> CIMultiDict[str]:
+    """The response filter on the upstream's byte pairs, read back as text."""
+    raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in upstream.items()]
+    out = client_response_fields(raw, rid)
+    return CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in out)
 
 
 def upstream_request_headers(
