@@ -165,6 +165,7 @@ class HttpProtocol(asyncio.Protocol):
         "_fields",
         "_head_bytes",
         "_head_timer",
+        "_idle_since",
         "_in_head",
         "_keepalive_timer",
         "_line_bytes",
@@ -206,6 +207,7 @@ class HttpProtocol(asyncio.Protocol):
         self._requests = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0  # loop time the connection went idle; 0.0 while not idle
         # the head being read
         self._in_head = True
         self._head_bytes = 0
@@ -280,10 +282,7 @@ class HttpProtocol(asyncio.Protocol):
         parser = self._parser
         if parser is None or self._error:
             return  # refused, or lingering before the close: read and dropped
-        timer = self._keepalive_timer
-        if timer is not None:
-            timer.cancel()
-            self._keepalive_timer = None
+        self._idle_since = 0.0
         if self._in_head:
             status = self._measure_head(data)
             if status:
@@ -596,10 +595,7 @@ class HttpProtocol(asyncio.Protocol):
         return 0
 
     def _arm_head_timer(self) -> None:
-        timer = self._keepalive_timer
-        if timer is not None:
-            timer.cancel()
-            self._keepalive_timer = None
+        self._idle_since = 0.0
         if self._head_timer is None:
             self._head_timer = self._loop.call_later(
                 self._config.header_timeout_s, self._head_timed_out
@@ -611,15 +607,28 @@ class HttpProtocol(asyncio.Protocol):
             timer.cancel()
             self._head_timer = None
 
+    # The keep-alive timer is set once and not moved per request (setting and cancelling
+    # a timer per request cost 8% of the server's CPU): when it fires, it looks at when
+    # the connection went idle, and sets itself again for then + keepalive_timeout_s.
+
     def _arm_keepalive_timer(self) -> None:
+        loop = self._loop
+        self._idle_since = now = loop.time()
         if self._keepalive_timer is None:
-            self._keepalive_timer = self._loop.call_later(
-                self._config.keepalive_timeout_s, self._keepalive_expired
+            self._keepalive_timer = loop.call_at(
+                now + self._config.keepalive_timeout_s, self._keepalive_expired
             )
 
     def _keepalive_expired(self) -> None:
         self._keepalive_timer = None
-        self.close_when_idle()
+        since = self._idle_since
+        if not since or self.current is not None or self.transport is None:
+            return  # not idle: armed again when it is
+        due = since + self._config.keepalive_timeout_s
+        if due <= self._loop.time():
+            self.close_when_idle()
+        else:
+            self._keepalive_timer = self._loop.call_at(due, self._keepalive_expired)
 
     def _cancel_timers(self) -> None:
         self._cancel_head_timer()

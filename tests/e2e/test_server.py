@@ -263,3 +263,19 @@ async def test_broken_or_unknown_content_encodings_are_400(
     )
     assert (await _response(reader))[0].startswith(b"HTTP/1.1 200")
     writer.close()
+
+
+async def test_an_idle_keepalive_connection_closes_after_keepalive_timeout(
+    mock: Mock, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(_upstreams(mock), keepalive_timeout_s=2.0, header_timeout_s=60.0)
+    # Requests 0.5 s apart for longer than the timeout: each idle gap is short, so the
+    # connection stays (its timer measures from the last response, not the first).
+    reader, writer = await _connect(proxy)
+    for _ in range(6):
+        writer.write(_chat(proxy))
+        assert (await _response(reader))[0].startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.5)
+    # Then idle: closed by the proxy, without a response.
+    assert await _closed(reader)
+    writer.close()
