@@ -30,7 +30,8 @@ from zrproxy.listener import AcceptErrors, PausableListener, fd_connection_cap, 
 from zrproxy.metrics import NOT_KNOWN, Metrics
 from zrproxy.policy import report, to_json
 from zrproxy.proxy import Proxy, ServiceState
-from zrproxy.request import Request, Response, StreamingResponse
+from zrproxy.request import Request
+from zrproxy.response import Response, StreamingResponse
 from zrproxy.routing import DayClock
 from zrproxy.server import ApiServer
 from zrproxy.upstream import Upstreams

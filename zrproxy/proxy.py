@@ -52,7 +52,8 @@ from zrproxy.limits import Lease, Limits
 from zrproxy.metrics import NOT_KNOWN, Metrics, status_class
 from zrproxy.outcomes import FailureKind, Outcome
 from zrproxy.policy import project_report, to_json
-from zrproxy.request import Request, Response, StreamingResponse
+from zrproxy.request import Request
+from zrproxy.response import Response, StreamingResponse
 from zrproxy.retention_rules import conflict, forced_fields, is_storing_endpoint
 from zrproxy.routing import DayClock, Router
 from zrproxy.streaming import relay, whole_body

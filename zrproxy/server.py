@@ -53,7 +53,8 @@ from zrproxy.errors import (
     forget,
 )
 from zrproxy.headers import RequestHeaders
-from zrproxy.request import Request, Response, StreamingResponse, render_head
+from zrproxy.request import Request
+from zrproxy.response import Response, StreamingResponse, render_head
 
 log = logging.getLogger("zrproxy")
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 from zrproxy.http1 import Exchange
 from zrproxy.outcomes import FailureKind, Outcome
-from zrproxy.request import Request, StreamingResponse
+from zrproxy.request import Request
+from zrproxy.response import StreamingResponse
 from zrproxy.usage import UsageTap
 
 

@@ -279,3 +279,17 @@ async def test_an_idle_keepalive_connection_closes_after_keepalive_timeout(
     # Then idle: closed by the proxy, without a response.
     assert await _closed(reader)
     writer.close()
+
+
+async def test_a_request_target_is_matched_as_sent(mock: Mock, start_proxy: StartProxy) -> None:
+    # No percent-decoding before routing: what is not exactly an endpoint's path is not
+    # that endpoint (aiohttp decoded `%63hat` to `chat` first).
+    proxy = await start_proxy(_upstreams(mock))
+    for target in ("/v1/%63hat/completions", "http://x/v1/chat/completions"):
+        reader, writer = await _connect(proxy)
+        writer.write(_chat(proxy).replace(CHAT.encode(), target.encode(), 1))
+        line, _, body = await _response(reader)
+        writer.close()
+        assert line.startswith(b"HTTP/1.1 404"), target
+        assert orjson.loads(body)["error"]["code"] == "unknown_path"
+    assert mock.stats.started == 0

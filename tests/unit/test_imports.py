@@ -34,8 +34,9 @@ ALLOWED: dict[str, set[str]] = {
     "dialects": {"errors"},
     "http1": {"errors", "outcomes"},
     "pool": {"http1"},
-    "request": {"errors", "headers"},  # what a handler sees of a request and answers with
-    "streaming": {"http1", "outcomes", "request", "usage"},
+    "request": {"errors", "headers"},  # what a handler sees of a request
+    "response": {"request"},  # what it answers with
+    "streaming": {"http1", "outcomes", "request", "response", "usage"},
     # on dialects
     "config": {"dialects", "errors"},
     # on config
@@ -49,7 +50,14 @@ ALLOWED: dict[str, set[str]] = {
     "limits": {"config", "errors"},
     "listener": set(),
     "connection": {"errors"},
-    "server": {"config", "dialects", "errors", "headers", "request"},  # the API's HTTP/1.1
+    "server": {
+        "config",
+        "dialects",
+        "errors",
+        "headers",
+        "request",
+        "response",
+    },  # the API's HTTP/1.1
     "reload": {"config", "errors"},
     "admin": {"config", "errors"},
     # the request handlers, the service, its processes, the command line
@@ -67,6 +75,7 @@ ALLOWED: dict[str, set[str]] = {
         "outcomes",
         "policy",
         "request",
+        "response",
         "retention_rules",
         "routing",
         "streaming",
@@ -85,6 +94,7 @@ ALLOWED: dict[str, set[str]] = {
         "policy",
         "proxy",
         "request",
+        "response",
         "routing",
         "server",
         "upstream",

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 
 from zrproxy.config import ServerConfig
-from zrproxy.request import Request, Response, StreamingResponse
+from zrproxy.request import Request
+from zrproxy.response import Response, StreamingResponse
 from zrproxy.server import ApiServer, HttpProtocol
 
 
