@@ -292,11 +292,7 @@ class HttpProtocol(asyncio.Protocol):
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # We never upgrade: the request before the upgrade is answered, then the
-            # connection closes; nothing after it is read.
-            self._error = -1
-            if self.current is None:
-                self._close()
+            self._refuse(400)  # we never upgrade (refused in on_headers_complete already)
         except _Refused as exc:
             status = exc.status
             forget(exc)
@@ -349,6 +345,10 @@ class HttpProtocol(asyncio.Protocol):
         if parser is None:
             return
         if self._te < 0:
+            raise _Refused(400)
+        if parser.should_upgrade():
+            # `Connection: upgrade` with `Upgrade`, or CONNECT: llhttp would hand the rest
+            # of the stream over unparsed (a body it announced included). We never upgrade.
             raise _Refused(400)
         self._in_head = False
         self._head_bytes = self._line_bytes = 0

@@ -293,3 +293,20 @@ async def test_a_request_target_is_matched_as_sent(mock: Mock, start_proxy: Star
         assert line.startswith(b"HTTP/1.1 404"), target
         assert orjson.loads(body)["error"]["code"] == "unknown_path"
     assert mock.stats.started == 0
+
+
+async def test_upgrade_and_connect_requests_are_refused(
+    mock: Mock, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(_upstreams(mock))
+    upgrade = _chat(proxy, extra="Connection: Upgrade\r\nUpgrade: h2c\r\n")
+    connect = f"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\nAuthorization: Bearer {proxy.key}\r\n\r\n"
+    for raw in (upgrade, connect.encode()):
+        reader, writer = await _connect(proxy)
+        writer.write(raw + _chat(proxy))  # and a request behind it, never read
+        line, _, body = await _response(reader)
+        assert line.startswith(b"HTTP/1.1 400")
+        assert orjson.loads(body)["error"]["code"] == "bad_http_request"
+        assert await _closed(reader)
+        writer.close()
+    assert mock.stats.started == 0
