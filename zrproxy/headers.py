@@ -105,7 +105,7 @@ REQUEST_ID = "X-Request-Id"
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 # Streaming responses must not be buffered by anything between us and the client.
-SSE_FIELDS = [(b"Cache-Control", b"no-cache"), (b"X-Accel-Buffering", b"no")]
+SSE_FIELDS = ((b"Cache-Control", b"no-cache"), (b"X-Accel-Buffering", b"no"))
 
 
 def request_id(incoming: str | None) -> str:
