@@ -108,6 +108,8 @@ def zrproxy_config(mock: Server, key_sha256: str, caps: dict[str, int] | None = 
         + "[[upstreams]]\n"
         'name = "mock"\nkind = "openai"\n'
         f'base_url = "http://{mock.host}:{mock.port}/v1"\n'
+        # The mock keeps nothing; zero-retention projects (the default) need this.
+        "zero_data_retention = true\n"
         # The memory scenario holds 10,000 streams open at once.
         "max_connections = 20000\n"
         "[[routes]]\n"

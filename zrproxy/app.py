@@ -1,7 +1,7 @@
 """The service: the API and admin listeners and their lifecycle (start, ready, drain, stop).
 
-Logs lifecycle events only. aiohttp's access log is off, and its request handler is
-replaced where it would log or echo raw request bytes (parser errors, tracebacks).
+Logs lifecycle events only. The API listener is our own HTTP/1.1 server
+(`zrproxy.server`); the admin listener is an aiohttp app on its own thread.
 """
 
 from __future__ import annotations
@@ -19,51 +19,25 @@ from typing import Any
 import prometheus_client
 import uvloop
 from aiohttp import hdrs, web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http import RawRequestMessage
-from aiohttp.http_exceptions import LineTooLong
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
 from zrproxy.admin import AdminListener
 from zrproxy.audit import AuditLog, Clock, utc_now
-from zrproxy.config import Address, Config, ServerConfig
-from zrproxy.connection import (
-    HeadTooLarge,
-    LimitedRequestHandler,
-    check_http_parser,
-    handler_limits,
-)
+from zrproxy.config import Address, Config
+from zrproxy.connection import check_http_parser
 from zrproxy.errors import StartupError
-from zrproxy.listener import AcceptErrors, PausableSite, fd_connection_cap, listening_socket
+from zrproxy.listener import AcceptErrors, PausableListener, fd_connection_cap, listening_socket
 from zrproxy.metrics import NOT_KNOWN, Metrics
 from zrproxy.policy import report, to_json
 from zrproxy.proxy import Proxy, ServiceState
+from zrproxy.request import Request
+from zrproxy.response import Response, StreamingResponse
 from zrproxy.routing import DayClock
+from zrproxy.server import ApiServer
 from zrproxy.upstream import Upstreams
 
 log = logging.getLogger("zrproxy")
 
-_BAD_HTTP = (
-    b'{"error":{"message":"Malformed HTTP request.","type":"invalid_request_error",'
-    b'"param":null,"code":"bad_http_request"}}'
-)
-_INTERNAL = (
-    b'{"error":{"message":"Internal proxy error.","type":"api_error",'
-    b'"param":null,"code":"internal_error"}}'
-)
-_HEADERS_TOO_LARGE = (
-    b'{"error":{"message":"The request headers exceed the configured limits.",'
-    b'"type":"invalid_request_error","param":null,"code":"request_header_fields_too_large"}}'
-)
-_URI_TOO_LONG = (
-    b'{"error":{"message":"The request line exceeds the configured limit.",'
-    b'"type":"invalid_request_error","param":null,"code":"uri_too_long"}}'
-)
-# aiohttp's parser error for more than max_headers fields (a fixed text, no input in it).
-_TOO_MANY_HEADERS = "Too many headers received"
-_LINGER_S = 1.0
 _GC_GEN0_THRESHOLD = 50_000
 _TRIM_PERIOD_S = 1.0
 _TRIM_AFTER_REQUESTS = 1000
@@ -71,130 +45,10 @@ _TRIM_AFTER_REQUESTS = 1000
 _CANCEL_GRACE_S = 2.0
 
 
-class _ContentFreeRequestHandler(LimitedRequestHandler):
-    """aiohttp's connection handler, minus everything that could log or echo content.
-
-    Its parser errors carry the raw bytes that failed to parse, and it would log them
-    with a traceback and put them in the 400 body. We answer with a fixed body and log
-    only the error's type.
-    """
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if exc is not None:
-            # A parser error's traceback holds the frame that parsed the raw bytes, and
-            # that frame holds the error (a cycle): break it so the bytes die now, not at
-            # the next garbage collection.
-            exc.__traceback__ = exc.__context__ = None
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started")
-        if isinstance(exc, HeadTooLarge):
-            status = exc.status
-        elif isinstance(exc, LineTooLong) or (
-            exc is not None and getattr(exc, "message", None) == _TOO_MANY_HEADERS
-        ):
-            status = 431  # a request line too long was refused as 414 before parsing
-        if status >= 500:
-            log.error("request handling failed (%s)", type(exc).__name__)
-        else:
-            manager = self._manager
-            if isinstance(manager, _ApiServer):
-                manager.on_bad_request()
-        body = (
-            _INTERNAL
-            if status >= 500
-            else _HEADERS_TOO_LARGE
-            if status == 431
-            else _URI_TOO_LONG
-            if status == 414
-            else _BAD_HTTP
-        )
-        response = web.Response(status=status, body=body, content_type="application/json")
-        response.force_close()
-        return response
-
-    def log_exception(self, *args: Any, **kw: Any) -> None:
-        exc = kw.get("exc_info")
-        log.error("connection handling failed (%s)", type(exc).__name__ if exc else "unknown")
-
-    def log_debug(self, *args: Any, **kw: Any) -> None:
-        pass  # aiohttp's debug lines carry exceptions whose text may quote request bytes
-
-
 def _drop_server_header(response: web.StreamResponse) -> None:
     # aiohttp adds `Server: Python/3.x aiohttp/3.x` to every response; it tells a scanner
     # which CVEs to try and nothing a client needs.
     response.headers.popall(hdrs.SERVER, None)
-
-
-class _ApiRequest(web.BaseRequest):
-    async def _prepare_hook(self, response: web.StreamResponse) -> None:
-        # Runs after aiohttp has filled in its default headers, before they are written.
-        _drop_server_header(response)
-
-
-class _ApiServer(web.Server):
-    def __init__(
-        self,
-        *args: Any,
-        on_bad_request: Callable[[], None],
-        max_connections: int,
-        server_config: ServerConfig,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.server_config = server_config
-        self.on_bad_request = on_bad_request
-        self.max_connections = max_connections
-        self.open_connections = 0
-        self.site: PausableSite | None = None
-        self._resuming: asyncio.Task[None] | None = None
-
-    # At max_connections the listener stops accepting (new connections wait in the
-    # kernel's backlog) and starts again as soon as one closes.
-    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        super().connection_made(handler, transport)
-        self.open_connections += 1
-        if self.open_connections >= self.max_connections and self.site is not None:
-            self.site.pause()
-
-    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
-        super().connection_lost(handler, exc)
-        self.open_connections -= 1
-        site = self.site
-        if (
-            site is not None
-            and site.paused
-            and self.open_connections < self.max_connections
-            and self._resuming is None
-        ):
-            self._resuming = asyncio.get_running_loop().create_task(self._resume(site))
-
-    async def _resume(self, site: PausableSite) -> None:
-        try:
-            await site.resume()
-        finally:
-            self._resuming = None
-
-    def __call__(self) -> RequestHandler:
-        return _ContentFreeRequestHandler(
-            self, loop=self._loop, server_config=self.server_config, **self._kwargs
-        )
-
-    def _make_request(
-        self,
-        message: RawRequestMessage,
-        payload: StreamReader,
-        protocol: RequestHandler,
-        writer: AbstractStreamWriter,
-        task: asyncio.Task[None],
-    ) -> web.BaseRequest:
-        return _ApiRequest(message, payload, protocol, writer, task, self._loop)
 
 
 class Service:
@@ -219,9 +73,9 @@ class Service:
         self._reuse_port = reuse_port
         self._with_admin = admin
         self._upstreams: Upstreams | None = None
-        self._api_server: _ApiServer | None = None
-        self._api_runner: web.ServerRunner | None = None
-        self._api_site: PausableSite | None = None
+        self._api_server: ApiServer | None = None
+        self._api_site: PausableListener | None = None
+        self._resuming: asyncio.Task[None] | None = None
         self._proxy: Proxy | None = None
         self._previous_handler: Any = None
         self._restarting: asyncio.Task[None] | None = None
@@ -256,41 +110,35 @@ class Service:
         loop = asyncio.get_running_loop()
         self._previous_handler = loop.get_exception_handler()
         loop.set_exception_handler(AcceptErrors(self._accept_refused, self._previous_handler))
-        self._api_server = _ApiServer(
+        api = self._api_server = ApiServer(
             self._handle,
-            on_bad_request=self.metrics.child(
-                self.metrics.rejections, "malformed", NOT_KNOWN, NOT_KNOWN
-            ).inc,
-            max_connections=max_connections,
-            server_config=server,
-            **handler_limits(server),
-            handler_cancellation=True,  # a client that leaves cancels its upstream request
-            access_log=None,
-            keepalive_timeout=server.keepalive_timeout_s,
-            # After an error answered before the body was read, aiohttp reads and drops
-            # the rest for this long (so closing doesn't reset the connection under our
-            # answer). Its default of 10 s holds a refused client far too long.
-            lingering_time=_LINGER_S,
+            server,
+            max_connections,
+            self.metrics.child(self.metrics.rejections, "malformed", NOT_KNOWN, NOT_KNOWN).inc,
         )
-        self._api_runner = web.ServerRunner(self._api_server, handle_signals=False)
-        await self._api_runner.setup()
         try:
             sock = listening_socket(
                 server.listen.host, server.listen.port, reuse_port=self._reuse_port, backlog=1024
             )
         except OSError as exc:
             raise StartupError(f"server.listen: cannot listen ({exc.strerror})") from None
-        api_server = self._api_server
-        self._api_site = PausableSite(
-            self._api_runner,
+        site = self._api_site = PausableListener(
+            api,
             sock,
             backlog=1024,
             on_pause=self.metrics.accept_pauses.inc,
-            headroom=lambda: api_server.max_connections - api_server.open_connections,
+            headroom=lambda: api.max_connections - api.open_connections,
         )
-        self._api_server.site = self._api_site
-        await _bind(self._api_site, "server.listen")
-        self.api_address = _bound(self._api_runner)
+        # At max_connections the listener stops accepting (new connections wait in the
+        # kernel's backlog) and starts again as soon as one closes.
+        api.on_full = site.pause
+        api.on_room = self._resume_accepting
+        try:
+            await site.start()
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"server.listen: cannot listen ({exc.strerror})") from None
+        self.api_address = Address(*site.address)
         if self._with_admin:
             # On its own thread and loop: API load must not make a busy pod look dead.
             self._admin = AdminListener(
@@ -309,7 +157,18 @@ class Service:
                 "zrproxy ready: api=http://%s admin=http://%s", self.api_address, self.admin_address
             )
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    def _resume_accepting(self) -> None:
+        site = self._api_site
+        if site is not None and site.paused and self._resuming is None:
+            self._resuming = asyncio.get_running_loop().create_task(self._resume(site))
+
+    async def _resume(self, site: PausableListener) -> None:
+        try:
+            await site.resume()
+        finally:
+            self._resuming = None
+
+    async def _handle(self, request: Request) -> Response | StreamingResponse:
         # Read per request, so a reload applies to new requests on open connections too.
         assert self._proxy is not None
         return await self._proxy.handle(request)
@@ -325,9 +184,6 @@ class Service:
         if api is not None:  # for connections accepted from now on
             api.server_config = server
             api.max_connections = min(self._proxy.limits.max_connections, fd_connection_cap())
-            api._kwargs.update(
-                keepalive_timeout=server.keepalive_timeout_s, **handler_limits(server)
-            )
         if old_proxy is not None and old_upstreams is not None:
             # Every request in flight now was taken by the old config.
             in_flight = set(self.state.handlers)
@@ -342,7 +198,7 @@ class Service:
         if listener_closed and site is not None and self._restarting is None:
             self._restarting = asyncio.get_running_loop().create_task(self._restart(site))
 
-    async def _restart(self, site: PausableSite) -> None:
+    async def _restart(self, site: PausableListener) -> None:
         try:
             await site.restart(after_s=1.0)
         finally:
@@ -356,7 +212,7 @@ class Service:
         if self._api_site is not None:
             await self._api_site.stop()
         if self._api_server is not None:
-            self._api_server.pre_shutdown()  # idle keep-alive connections close now
+            self._api_server.drain()  # idle keep-alive connections close now
         await _wait_for(state.handlers, self.config.server.drain_timeout_s)
         if state.handlers:
             log.info("drain deadline: ending %d requests", len(state.handlers))
@@ -373,8 +229,10 @@ class Service:
             self._trimmer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._trimmer
-        if self._api_runner is not None:
-            await self._api_runner.cleanup()
+        if self._api_site is not None:
+            await self._api_site.stop()
+        if self._api_server is not None:
+            await self._api_server.close(_CANCEL_GRACE_S)
         if self._admin is not None:
             await self._admin.stop()
         if self._upstreams is not None:
@@ -402,18 +260,6 @@ async def _wait_for(tasks: set[asyncio.Task[object]], timeout_s: float) -> None:
     """Until the handler tasks in `tasks` (a live set) have all finished, or the timeout."""
     if tasks:
         await asyncio.wait(list(tasks), timeout=timeout_s)
-
-
-async def _bind(site: web.BaseSite, key: str) -> None:
-    try:
-        await site.start()
-    except OSError as exc:
-        raise StartupError(f"{key}: cannot listen ({exc.strerror})") from None
-
-
-def _bound(runner: web.BaseRunner) -> Address:
-    host, port = runner.addresses[0][:2]
-    return Address(host, port)
 
 
 def admin_app(

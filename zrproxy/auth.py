@@ -9,10 +9,9 @@ import hashlib
 import hmac
 import secrets
 
-from multidict import CIMultiDictProxy
-
 from zrproxy.config import ProjectConfig
 from zrproxy.errors import InvalidAuth
+from zrproxy.headers import IncomingHeaders
 
 
 def key_digest(key: str) -> str:
@@ -26,7 +25,7 @@ def new_key() -> tuple[str, str]:
     return key, key_digest(key)
 
 
-def presented_key(headers: CIMultiDictProxy[str]) -> str | None:
+def presented_key(headers: IncomingHeaders) -> str | None:
     """The key from `Authorization: Bearer KEY` or `x-api-key: KEY`."""
     value = headers.get("Authorization")
     if value is not None:
@@ -49,7 +48,7 @@ class Authenticator:
     def __init__(self, projects: tuple[ProjectConfig, ...]) -> None:
         self._by_digest = {d: p for p in projects for d in p.key_sha256}
 
-    def authenticate(self, headers: CIMultiDictProxy[str]) -> ProjectConfig:
+    def authenticate(self, headers: IncomingHeaders) -> ProjectConfig:
         key = presented_key(headers)
         if key is None:
             raise InvalidAuth()

@@ -11,6 +11,7 @@ and the only variable parts are names taken from the config (key paths, upstream
         ├── MalformedJSON            400
         ├── MissingModel             400
         ├── InvalidRequest           400
+        ├── MalformedHttp            400 HTTP our server's parser refused (before any handler)
         ├── ZeroRetentionConflict    400 names a fixed field from retention_rules
         ├── UnsupportedEndpoint      400
         ├── InvalidAuth              401
@@ -25,13 +26,17 @@ and the only variable parts are names taken from the config (key paths, upstream
         ├── MethodNotAllowed         405
         ├── BodyTimeout              408
         │   └── BodyTooSlow          408 a gap between body reads past idle_timeout_s
+        ├── HeadTimeout              408 the request head did not arrive in time
         ├── BodyTooLarge             413
+        ├── UriTooLong               414
+        ├── HeadTooLarge             431 over a header size or count limit
         ├── RateLimited              429 a project's limit; carries Retry-After
         ├── UpstreamUnavailable      502
         ├── UpstreamAuthFailed       502 every upstream refused our provider key (401/403)
         ├── UpstreamNotFound         502 every upstream said the endpoint is not at base_url
         ├── UpstreamRedirected       502
         ├── UpstreamFailedMidStream  502 after the first byte: an SSE error event or a cut
+        ├── InternalError            500 a bug: the handler raised
         ├── ServiceDraining          503
         ├── Overloaded               503 a global cap or the body budget; carries Retry-After
         └── UpstreamTimeout          504
@@ -147,6 +152,41 @@ class InvalidRequest(ProxyError):
     code = "invalid_request"
     message = "The request could not be read."
     reject_reason = "malformed"
+
+
+class MalformedHttp(ProxyError):
+    status = 400
+    error_type = "invalid_request_error"
+    code = "bad_http_request"
+    message = "Malformed HTTP request."
+    reject_reason = "malformed"
+
+
+class HeadTimeout(ProxyError):
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+    message = "The request headers did not arrive in time."
+
+
+class UriTooLong(ProxyError):
+    status = 414
+    error_type = "invalid_request_error"
+    code = "uri_too_long"
+    message = "The request line exceeds the configured limit."
+    reject_reason = "malformed"
+
+
+class HeadTooLarge(ProxyError):
+    status = 431
+    error_type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+    message = "The request headers exceed the configured limits."
+    reject_reason = "malformed"
+
+
+class InternalError(ProxyError):
+    """What the client sees when a handler raised something that is not a ProxyError."""
 
 
 class InvalidAuth(ProxyError):

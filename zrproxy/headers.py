@@ -1,7 +1,9 @@
 """Which HTTP headers cross the proxy, in each direction.
 
 The filters are frozensets built at import. Per request: one pass over each header
-list, plus the names its Connection header lists, and a request id.
+list, plus the names its Connection header lists, and a request id. Request headers are
+filtered as the byte pairs llhttp gave our server, never decoded or copied into a
+multidict.
 
 Never copies a header value into anything but the outgoing request or response.
 """
@@ -9,8 +11,9 @@ Never copies a header value into anything but the outgoing request or response.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 from zrproxy.ids import new_id
 
@@ -32,9 +35,10 @@ REQUEST_ALLOWLIST = frozenset(
         "openai-beta",
     }
 )
+_REQUEST_ALLOWED = frozenset(name.encode() for name in REQUEST_ALLOWLIST)
 
 # Upstream -> client: what a client or SDK acts on. Framing (Content-Length,
-# Transfer-Encoding) is recomputed by our server; streaming responses get SSE_HEADERS.
+# Transfer-Encoding) is recomputed by our server; streaming responses get SSE_FIELDS.
 RESPONSE_ALLOWLIST = frozenset(
     {
         "content-type",
@@ -49,7 +53,51 @@ RESPONSE_ALLOWLIST = frozenset(
 # Anthropic's request-id, returned under their own name so ours stays X-Request-Id.
 UPSTREAM_REQUEST_IDS = frozenset({"x-request-id", "request-id"})
 UPSTREAM_REQUEST_ID = "x-upstream-request-id"
-_NONE: frozenset[str] = frozenset()
+_NO_BYTES: frozenset[bytes] = frozenset()
+
+
+class RequestHeaders:
+    """A request's header fields as llhttp gave them (name and value bytes), looked up
+    case-insensitively. Values are decoded as aiohttp's server did (UTF-8, undecodable
+    bytes kept as surrogates), so what the client sent is what goes upstream."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        key = name.lower().encode("latin-1")
+        for n, v in self._raw:
+            if n.lower() == key:
+                return v.decode("utf-8", "surrogateescape")
+        return default
+
+    def getall(self, name: str, default: Iterable[str] = ()) -> list[str]:
+        key = name.lower().encode("latin-1")
+        found = [v.decode("utf-8", "surrogateescape") for n, v in self._raw if n.lower() == key]
+        return found or list(default)
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        key = name.lower().encode("latin-1")
+        return any(n.lower() == key for n, _ in self._raw)
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        for n, v in self._raw:
+            yield n.decode("latin-1"), v.decode("utf-8", "surrogateescape")
+
+    @property
+    def raw(self) -> list[tuple[bytes, bytes]]:
+        return self._raw
+
+    def clear(self) -> None:
+        self._raw.clear()
+
+
+# What `presented_key` and `request_id` read a request's headers through.
+IncomingHeaders = RequestHeaders | CIMultiDictProxy[str]
 
 REQUEST_ID = "X-Request-Id"
 # A client-chosen id is passed through only if it is short and plain; anything else is
@@ -57,7 +105,7 @@ REQUEST_ID = "X-Request-Id"
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 # Streaming responses must not be buffered by anything between us and the client.
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_FIELDS = ((b"Cache-Control", b"no-cache"), (b"X-Accel-Buffering", b"no"))
 
 
 def request_id(incoming: str | None) -> str:
@@ -67,43 +115,52 @@ def request_id(incoming: str | None) -> str:
     return new_id()
 
 
-def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """The headers this message's Connection lists: hop-by-hop, even if allowlisted
-    (RFC 9110 7.6.1)."""
-    listed = headers.getall("Connection", ())
-    if not listed:
-        return _NONE
-    return frozenset(token.strip().lower() for value in listed for token in value.split(","))
-
-
-def upstream_request_headers(
-    incoming: CIMultiDictProxy[str], injected: dict[str, str]
-) -> CIMultiDict[str]:
-    """The client's allowlisted headers, then the upstream's own (`injected` wins)."""
-    out: CIMultiDict[str] = CIMultiDict()
-    hop = _connection_named(incoming)
-    for name, value in incoming.items():
+def upstream_request_fields(
+    incoming: RequestHeaders, injected: tuple[tuple[bytes, bytes], ...]
+) -> list[tuple[bytes, bytes]]:
+    """The client's allowlisted fields, then the upstream's own (`injected`, which
+    replace the client's of the same name)."""
+    raw = incoming.raw
+    hop = _NO_BYTES
+    for name, value in raw:
+        if name.lower() == b"connection":
+            hop = hop | {token.strip().lower() for token in value.split(b",")}
+    replaced = {name.lower() for name, _ in injected}
+    out = [
+        (name, value)
+        for name, value in raw
         # Exact names only: `Content_Type` is not `Content-Type` to us, but some servers
         # read underscores as dashes, so such spellings never pass.
-        lower = name.lower()
-        if lower in REQUEST_ALLOWLIST and lower not in hop:
-            out.add(name, value)
-    for name, value in injected.items():
-        out[name] = value
+        if (lower := name.lower()) in _REQUEST_ALLOWED and lower not in hop
+        and lower not in replaced
+    ]  # fmt: skip
+    out.extend(injected)
     return out
 
 
-def client_response_headers(upstream: CIMultiDictProxy[str], rid: str) -> CIMultiDict[str]:
-    """The upstream's allowlisted headers, its request id renamed, plus our request id."""
-    out: CIMultiDict[str] = CIMultiDict()
-    hop = _connection_named(upstream)
-    for name, value in upstream.items():
+_RESPONSE_ALLOWED = frozenset(name.encode() for name in RESPONSE_ALLOWLIST)
+_UPSTREAM_REQUEST_IDS = frozenset(name.encode() for name in UPSTREAM_REQUEST_IDS)
+_UPSTREAM_REQUEST_ID = UPSTREAM_REQUEST_ID.encode()
+_REQUEST_ID = REQUEST_ID.encode()
+
+
+def client_response_fields(
+    upstream: list[tuple[bytes, bytes]], rid: str
+) -> list[tuple[bytes, bytes]]:
+    """The upstream's allowlisted fields (as its byte pairs), its request id renamed,
+    plus our request id."""
+    hop = _NO_BYTES
+    for name, value in upstream:
+        if name.lower() == b"connection":
+            hop = hop | {token.strip().lower() for token in value.split(b",")}
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in upstream:
         lower = name.lower()
         if lower in hop:
             continue
-        if lower in RESPONSE_ALLOWLIST:
-            out.add(name, value)
-        elif lower in UPSTREAM_REQUEST_IDS:
-            out.add(UPSTREAM_REQUEST_ID, value)
-    out[REQUEST_ID] = rid
+        if lower in _RESPONSE_ALLOWED:
+            out.append((name, value))
+        elif lower in _UPSTREAM_REQUEST_IDS:
+            out.append((_UPSTREAM_REQUEST_ID, value))
+    out.append((_REQUEST_ID, rid.encode("ascii")))
     return out

@@ -5,7 +5,7 @@ We own the listening socket and hand the event loop a duplicate of it for each p
 of accepting. Pausing closes the loop's server (and so only the duplicate): the socket
 itself stays listening, and the kernel queues new connections in its backlog until we
 resume with a fresh duplicate. Public asyncio/aiohttp APIs only, on uvloop and the
-standard loop alike.
+standard loop alike, for any protocol factory.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import socket
 import time
 from collections.abc import Callable
 from typing import Any
-
-from aiohttp import web
 
 log = logging.getLogger("zrproxy")
 
@@ -46,43 +44,39 @@ def listening_socket(host: str, port: int, *, reuse_port: bool, backlog: int) ->
     return sock
 
 
-class PausableSite(web.BaseSite):
-    """An aiohttp site on our own listening socket, with `pause()` and `resume()`."""
+class PausableListener:
+    """The loop's server on our own listening socket, with `pause()` and `resume()`."""
 
-    __slots__ = ("_headroom", "_name", "_on_pause", "_paused", "_sock")
+    __slots__ = ("_backlog", "_factory", "_headroom", "_on_pause", "_paused", "_server", "_sock")
 
     def __init__(
         self,
-        runner: web.BaseRunner,
+        factory: Callable[[], asyncio.Protocol],
         sock: socket.socket,
         backlog: int,
         on_pause: Callable[[], None] | None = None,
         headroom: Callable[[], int] | None = None,
     ) -> None:
-        super().__init__(runner, backlog=backlog)
+        self._factory = factory
         self._headroom = headroom  # connections still to accept before the cap
         self._sock: socket.socket | None = sock
+        self._backlog = backlog
+        self._server: asyncio.Server | None = None
         self._paused = False
         self._on_pause = on_pause  # called each time accepting pauses at the cap
-        host, port = sock.getsockname()[:2]
-        self._name = f"http://{host}:{port}"
 
     @property
-    def name(self) -> str:
-        return self._name
+    def address(self) -> tuple[str, int]:
+        assert self._sock is not None
+        host, port = self._sock.getsockname()[:2]
+        return host, port
 
     @property
     def paused(self) -> bool:
         return self._paused
 
     async def start(self) -> None:
-        await super().start()
-        await self._serve()
-
-    async def _serve(self) -> None:
         assert self._sock is not None
-        server = self._runner.server
-        assert server is not None
         loop = asyncio.get_running_loop()
         # The standard loop accepts up to `backlog` connections per wake-up, and a
         # connection is counted (connection_made) only a few loop turns after its accept:
@@ -91,7 +85,7 @@ class PausableSite(web.BaseSite):
         batch = self._backlog
         if self._headroom is not None:
             batch = max(1, min(batch, self._headroom() // 3))
-        self._server = await loop.create_server(server, sock=self._sock.dup(), backlog=batch)
+        self._server = await loop.create_server(self._factory, sock=self._sock.dup(), backlog=batch)
         if batch != self._backlog:
             self._sock.listen(self._backlog)  # the kernel's queue keeps its length
 
@@ -109,7 +103,7 @@ class PausableSite(web.BaseSite):
         if not self._paused or self._sock is None:
             return
         self._paused = False
-        await self._serve()
+        await self.start()
 
     async def restart(self, after_s: float) -> None:
         """Accept again on a fresh duplicate after the loop closed its server."""
@@ -123,7 +117,11 @@ class PausableSite(web.BaseSite):
         await self.resume()
 
     async def stop(self) -> None:
-        await super().stop()
+        """Stop accepting for good (the connections stay: the caller closes them)."""
+        self._paused = True
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None

@@ -1,6 +1,6 @@
 """The request handlers: auth, body, routing, upstream, relay; and `Proxy._fail`, which
-turns every `ProxyError` into what the client sees (HTTP that aiohttp cannot parse is
-answered before any handler runs, by `app._ContentFreeRequestHandler`).
+turns every `ProxyError` into what the client sees (HTTP our server cannot parse is
+answered before any handler runs, by `server.HttpProtocol`, with fixed bodies).
 
 Never logs. Never copies request content into anything but the upstream request, and
 drops every reference to it by the time the response ends.
@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from zrproxy.audit import RETENTION_HEADER, AuditLog, AuditRecord, RecordingTap, retention_mode
 from zrproxy.auth import Authenticator
@@ -50,20 +46,21 @@ from zrproxy.errors import (
     UpstreamTimeout,
     ZeroRetentionConflict,
 )
-from zrproxy.headers import REQUEST_ID, SSE_HEADERS, client_response_headers, request_id
+from zrproxy.headers import REQUEST_ID, SSE_FIELDS, client_response_fields, request_id
 from zrproxy.http1 import Exchange
 from zrproxy.limits import Lease, Limits
 from zrproxy.metrics import NOT_KNOWN, Metrics, status_class
 from zrproxy.outcomes import FailureKind, Outcome
 from zrproxy.policy import project_report, to_json
+from zrproxy.request import Request
+from zrproxy.response import Response, StreamingResponse
 from zrproxy.retention_rules import conflict, forced_fields, is_storing_endpoint
 from zrproxy.routing import DayClock, Router
-from zrproxy.streaming import StreamingResponse, relay, whole_body
+from zrproxy.streaming import relay, whole_body
 from zrproxy.upstream import Upstreams
 from zrproxy.upstream_health import UpstreamHealth
 from zrproxy.usage import UsageTap
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MODEL_PREFIX = MODELS_PATH + "/"
 # Statuses whose Location sends the client elsewhere (304 Not Modified is relayed).
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -73,6 +70,7 @@ POLICY_PATH = "/v1/policy"
 _OVERLOAD_RETRY_S = 1
 # Request targets that are our own fixed strings; any other target may carry content.
 _PLAIN_TARGETS = frozenset([*ENDPOINTS, MODELS_PATH, POLICY_PATH])
+_RETENTION_FIELD = RETENTION_HEADER.encode()
 
 
 @dataclass(slots=True)
@@ -103,7 +101,7 @@ class _Exchange:
     chunks: int = 0
     first_byte_at: float = 0.0
     tap: UsageTap | None = None
-    response: web.StreamResponse | None = None
+    response: Response | StreamingResponse | None = None
     is_sse: bool = False
     expired: bool = False  # the total deadline cancelled the handler
     proxied: bool = False  # a call to a proxied endpoint (not /v1/models, not a 404 path)
@@ -118,13 +116,6 @@ class _Exchange:
 
 def _media_type(content_type: bytes) -> bytes:
     return content_type.partition(b";")[0].strip().lower()
-
-
-def _header_view(raw: list[tuple[bytes, bytes]]) -> CIMultiDictProxy[str]:
-    # latin-1 maps every byte; what the upstream sent is what the client gets.
-    return CIMultiDictProxy(
-        CIMultiDict([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw])
-    )
 
 
 def _failure_outcome(ex: _Exchange, error: ProxyError) -> Outcome:
@@ -178,7 +169,7 @@ class Proxy:
             zero, logged = str(p.zero_retention).lower(), str(p.audit_log is not None).lower()
             metrics.project_info.labels(p.name, zero, logged).set(1)
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response | StreamingResponse:
         loop = self._loop
         endpoint = ENDPOINTS.get(request.path)
         dialect: Dialect = (
@@ -247,8 +238,8 @@ class Proxy:
     # --- the proxied endpoints ------------------------------------------------------------
 
     async def _proxy(
-        self, request: web.BaseRequest, endpoint: Endpoint, ex: _Exchange
-    ) -> web.StreamResponse:
+        self, request: Request, endpoint: Endpoint, ex: _Exchange
+    ) -> Response | StreamingResponse:
         ex.proxied = True
         if request.method != "POST":
             raise MethodNotAllowed("POST")
@@ -314,18 +305,19 @@ class Proxy:
                 response.abandon()
 
     async def _respond(
-        self, request: web.BaseRequest, upstream: Exchange, ex: _Exchange
-    ) -> web.StreamResponse:
+        self, request: Request, upstream: Exchange, ex: _Exchange
+    ) -> Response | StreamingResponse:
         if upstream.status in _REDIRECTS:
             # Not followed (upstream.py) and not relayed: its Location would send the
             # client, key and prompt included, to a host that is no subprocessor of ours.
             raise UpstreamRedirected()
         ex.is_sse = _media_type(upstream.content_type) == b"text/event-stream"
-        headers = client_response_headers(_header_view(upstream.headers), ex.rid)
+        # The upstream's bytes as they came (llhttp refused line breaks in them).
+        fields = client_response_fields(upstream.headers, ex.rid)
         if ex.is_sse:
-            headers.update(SSE_HEADERS)
+            fields += SSE_FIELDS
         if ex.retention is not None:
-            headers[RETENTION_HEADER] = ex.retention
+            fields.append((_RETENTION_FIELD, ex.retention.encode("ascii")))
         ex.status = upstream.status
         if upstream.ended and not ex.is_sse:
             # All of it is here (most non-streaming answers): one write for head and
@@ -337,13 +329,11 @@ class Proxy:
             ex.outcome = whole.outcome
             if ex.audit is not None:
                 ex.audit.sent(whole.bytes_out)
-            ex.response = web.Response(status=upstream.status, headers=headers, body=body)
+            ex.response = Response(upstream.status, body, fields=fields)
             return ex.response
-        out = StreamingResponse(status=upstream.status, headers=headers)
-        if not ex.is_sse and upstream.content_length is not None:
-            out.content_length = upstream.content_length
+        length = None if ex.is_sse else upstream.content_length
+        out = StreamingResponse(upstream.status, fields, length)
         ex.response = out
-        await out.prepare(request)
         if ex.is_sse:
             self._metrics.open_streams.inc()
         try:
@@ -375,7 +365,7 @@ class Proxy:
             raise UpstreamTimeout()
         raise UpstreamFailedMidStream()
 
-    async def _read_body(self, request: web.BaseRequest, ex: _Exchange) -> bytes:
+    async def _read_body(self, request: Request, ex: _Exchange) -> bytes:
         length = request.content_length
         if length is not None and length > self._max_body:
             raise BodyTooLarge()
@@ -386,27 +376,23 @@ class Proxy:
             if not budget.reserve(length):
                 raise Overloaded(retry_after_s=_OVERLOAD_RETRY_S)
             ex.body_reserved = length
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            # The low-level server does not answer Expect itself. We do it only now, after
-            # auth and the size check, which is the point of 100-continue.
-            await request.writer.write(_CONTINUE)
+        # Only now, after auth and the size check, which is the point of 100-continue.
+        request.send_continue()
         parts: list[bytes] = []
         size = 0
-        content = request.content
         failure: ProxyError | None = None
         loop = self._loop
         # The whole body within body_timeout_s, and no gap between reads longer than
-        # idle_timeout_s (a dribbling client, or chunked framing that broke: aiohttp then
-        # never ends the body stream). Both are the client's fault: 408, never 504.
+        # idle_timeout_s (a dribbling client). Both are the client's fault: 408, never 504.
         whole_by = loop.time() + self._body_timeout
         ex.reading_body = True
         try:
             async with asyncio.timeout(min(whole_by, loop.time() + self._idle_timeout)) as dl:
                 while True:
                     try:
-                        chunk = await content.readany()
-                    except HttpProcessingError:
-                        failure = InvalidRequest()  # its text may quote the input: dropped here
+                        chunk = await request.read_chunk()
+                    except InvalidRequest:
+                        failure = InvalidRequest()  # the body's framing broke
                         break
                     if not chunk:
                         break
@@ -430,7 +416,7 @@ class Proxy:
             raise failure
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _authenticate(self, request: web.BaseRequest, ex: _Exchange) -> ProjectConfig:
+    def _authenticate(self, request: Request, ex: _Exchange) -> ProjectConfig:
         """The caller's project (InvalidAuth otherwise); from here on the exchange names
         it, and every response says how its data is handled."""
         project = self._auth.authenticate(request.headers)
@@ -438,7 +424,7 @@ class Proxy:
         ex.retention = self._retention[project.name]
         return project
 
-    def _models(self, request: web.BaseRequest, ex: _Exchange) -> web.StreamResponse:
+    def _models(self, request: Request, ex: _Exchange) -> Response | StreamingResponse:
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed("GET, HEAD")
         project = self._authenticate(request, ex)
@@ -453,20 +439,20 @@ class Proxy:
                 raise ModelNotFound()
             body = model_object(dialect, listed)
         ex.status = 200
-        # HEAD: aiohttp sends the headers (Content-Length included) and no body.
-        return web.Response(
+        # HEAD: the server sends the headers (Content-Length included) and no body.
+        return Response(
             body=body,
             content_type="application/json",
             headers={REQUEST_ID: ex.rid, RETENTION_HEADER: self._retention[project.name]},
         )
 
-    def _policy(self, request: web.BaseRequest, ex: _Exchange) -> web.StreamResponse:
+    def _policy(self, request: Request, ex: _Exchange) -> Response | StreamingResponse:
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowed("GET, HEAD")
         project = self._authenticate(request, ex)
         ex.status = 200
         body = to_json(project_report(self._config, project, self._metrics, self.clock.day()))
-        return web.Response(
+        return Response(
             body=body,
             content_type="application/json",
             headers={REQUEST_ID: ex.rid, RETENTION_HEADER: self._retention[project.name]},
@@ -492,8 +478,8 @@ class Proxy:
         self._health.failed(upstream, kind, reason)
 
     async def _fail(
-        self, request: web.BaseRequest, ex: _Exchange, error: ProxyError
-    ) -> web.StreamResponse:
+        self, request: Request, ex: _Exchange, error: ProxyError
+    ) -> Response | StreamingResponse:
         """A `ProxyError` as the client sees it: a status and error body before the first
         byte; after it, an in-band SSE error event, or a cut connection."""
         if error.reject_reason is not None:
@@ -502,7 +488,7 @@ class Proxy:
         if error.client_error is not None:
             self._metrics.child(self._metrics.client_errors, error.client_error).inc()
         started = ex.response
-        if started is None or not started.prepared:
+        if not isinstance(started, StreamingResponse) or not started.prepared:
             ex.status = error.status
             body = error_body(ex.dialect, error)
             headers = {REQUEST_ID: ex.rid, **error.response_headers()}
@@ -510,9 +496,7 @@ class Proxy:
                 headers[RETENTION_HEADER] = ex.retention
             if ex.audit is not None:
                 ex.audit.response(body)
-            response = web.Response(
-                status=error.status, body=body, content_type="application/json", headers=headers
-            )
+            response = Response(error.status, body, headers, "application/json")
             if (
                 error.status in (408, 413)
                 or error.reject_reason == "draining"
@@ -530,13 +514,8 @@ class Proxy:
             # After a blank line: the cut may have come inside an event, which the SDK
             # must end (and fail on) alone, not read our event's lines into it.
             event = b"\n\n" + sse_error_event(ex.dialect, error)
-            try:
-                await started.write(event)
-            except ConnectionError:
-                pass
-            else:
-                if ex.audit is not None:
-                    ex.audit.response(event)
+            if started.write(event) and ex.audit is not None:
+                ex.audit.response(event)
         if request.transport is not None:
             request.transport.close()
         return started

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
-from multidict import CIMultiDictProxy
-
 from zrproxy.config import Config, UpstreamConfig
 from zrproxy.dialects import ANTHROPIC_VERSION, UpstreamBodies, auth_headers, names_a_model
 from zrproxy.errors import (
@@ -25,7 +23,7 @@ from zrproxy.errors import (
     UpstreamUnavailable,
     forget,
 )
-from zrproxy.headers import upstream_request_headers
+from zrproxy.headers import RequestHeaders, upstream_request_fields
 from zrproxy.http1 import Exchange
 from zrproxy.listener import fd_connection_cap
 from zrproxy.outcomes import FailureKind
@@ -42,13 +40,14 @@ NOT_FOUND_REASON = (
 # (upstream, kind, reason) for every failed attempt; reason is a fixed text or None.
 OnFailure = Callable[[str, FailureKind, str | None], None]
 _FORBIDDEN_IN_HEAD = ("\r", "\n", "\0")
+_ANTHROPIC_VERSION = b"anthropic-version: %b\r\n" % ANTHROPIC_VERSION.encode()
 
 
 @dataclass(slots=True)
 class _Upstream:
     config: UpstreamConfig
     pool: Pool
-    injected_headers: dict[str, str]
+    injected_headers: tuple[tuple[bytes, bytes], ...]
     # Per endpoint: the request line and Host header, precomputed (Azure: per endpoint
     # and listed deployment; `azure_line` builds the others).
     request_lines: dict[str, bytes]
@@ -154,7 +153,11 @@ class Upstreams:
                 lines = {
                     path: _line(f"{url.path}{path[3:]}", host_header) for path in upstream.endpoints
                 }
-            self._by_name[upstream.name] = _Upstream(upstream, pool, injected, lines, host_header)
+            fields = tuple(
+                (n.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+                for n, v in injected.items()
+            )
+            self._by_name[upstream.name] = _Upstream(upstream, pool, fields, lines, host_header)
 
     def pool(self, name: str) -> Pool:
         return self._by_name[name].pool
@@ -168,7 +171,7 @@ class Upstreams:
         self,
         upstreams: tuple[UpstreamConfig, ...],
         path: str,
-        incoming_headers: CIMultiDictProxy[str],
+        incoming_headers: RequestHeaders,
         request_id: str,
         bodies: UpstreamBodies,
         on_failure: OnFailure,
@@ -311,22 +314,24 @@ class Upstreams:
         self,
         upstream: _Upstream,
         request_line: bytes,
-        incoming: CIMultiDictProxy[str],
+        incoming: RequestHeaders,
         rid: str,
         body_size: int,
     ) -> bytes:
-        headers = upstream_request_headers(incoming, upstream.injected_headers)
-        headers["X-Request-Id"] = rid
-        if upstream.config.kind == "anthropic" and "anthropic-version" not in headers:
-            headers["anthropic-version"] = ANTHROPIC_VERSION
-        block = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+        fields = upstream_request_fields(incoming, upstream.injected_headers)
+        lines = [b"%b: %b\r\n" % field for field in fields]
+        lines.append(b"X-Request-Id: %b\r\n" % rid.encode("ascii"))
+        if upstream.config.kind == "anthropic" and not any(
+            name.lower() == b"anthropic-version" for name, _ in fields
+        ):
+            lines.append(_ANTHROPIC_VERSION)
+        block = b"".join(lines)
         # Our server's parser (llhttp) refuses line breaks in header fields; a field that
         # still had one would let a client write its own request line upstream.
-        lines = len(headers)
-        if block.count("\n") != lines or block.count("\r") != lines or "\0" in block:
+        if block.count(b"\n") != len(lines) or block.count(b"\r") != len(lines) or b"\0" in block:
             raise InvalidRequest()
         return b"%b%bContent-Length: %d\r\n\r\n" % (
             request_line,
-            block.encode("utf-8", "surrogateescape"),
+            block,
             body_size,
         )

@@ -12,15 +12,33 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from zrproxy.headers import (
     REQUEST_ID,
     UPSTREAM_REQUEST_ID,
-    client_response_headers,
+    RequestHeaders,
+    client_response_fields,
     request_id,
-    upstream_request_headers,
+    upstream_request_fields,
 )
 from zrproxy.usage import UsageTap
 
 
 def proxy_of(items: list[tuple[str, str]]) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(CIMultiDict(items))
+
+
+def client_response_headers(upstream: CIMultiDictProxy[str], rid: str) -> CIMultiDict[str]:
+    """The response filter on the upstream's byte pairs, read back as text."""
+    raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in upstream.items()]
+    out = client_response_fields(raw, rid)
+    return CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in out)
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str], injected: dict[str, str]
+) -> CIMultiDict[str]:
+    """The request filter on the byte pairs our server hands it, read back as text."""
+    raw = [(n.encode(), v.encode()) for n, v in incoming.items()]
+    fields = tuple((n.encode(), v.encode()) for n, v in injected.items())
+    out = upstream_request_fields(RequestHeaders(raw), fields)
+    return CIMultiDict((n.decode(), v.decode()) for n, v in out)
 
 
 HOP_BY_HOP = [

@@ -35,11 +35,13 @@ ALLOWED: dict[str, set[str]] = {
     "sse": set(),
     "http1": {"errors", "outcomes", "sse"},
     "pool": {"http1"},
-    "streaming": {"http1", "outcomes", "usage"},
+    "request": {"errors", "headers"},  # what a handler sees of a request
+    "response": {"request"},  # what it answers with
+    "streaming": {"http1", "outcomes", "request", "response", "usage"},
     # on dialects
     "config": {"dialects", "errors"},
     # on config
-    "auth": {"config", "errors"},
+    "auth": {"config", "errors", "headers"},
     "routing": {"config", "errors"},
     "checks": {"config"},
     "policy": {"config", "metrics", "routing"},
@@ -57,7 +59,15 @@ ALLOWED: dict[str, set[str]] = {
     },
     "limits": {"config", "errors"},
     "listener": set(),
-    "connection": {"config", "errors"},
+    "connection": {"errors"},
+    "server": {
+        "config",
+        "dialects",
+        "errors",
+        "headers",
+        "request",
+        "response",
+    },  # the API's HTTP/1.1
     "reload": {"config", "errors"},
     "admin": {"config", "errors"},
     # the request handlers, the service, its processes, the command line
@@ -74,6 +84,8 @@ ALLOWED: dict[str, set[str]] = {
         "metrics",
         "outcomes",
         "policy",
+        "request",
+        "response",
         "retention_rules",
         "routing",
         "streaming",
@@ -91,7 +103,10 @@ ALLOWED: dict[str, set[str]] = {
         "metrics",
         "policy",
         "proxy",
+        "request",
+        "response",
         "routing",
+        "server",
         "upstream",
     },
     "workers": {
