@@ -236,7 +236,10 @@ class Proxy:
             if admitted:
                 limits.in_flight.leave()
             self._release(ex)
-            self._state.handlers.discard(task)
+            handlers = self._state.handlers
+            handlers.discard(task)
+            if not handlers:
+                handlers.clear()  # gives back the table a burst grew (see Pool.lost)
             self._metrics.in_flight_now.add(-1.0)
             self._record(ex, loop.time())
             if ex.audit is not None:
