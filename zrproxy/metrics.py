@@ -14,7 +14,8 @@ that was about a tenth of the proxy's CPU. The series every proxied request upda
 is still prometheus-client's, name for name, and exact. Only the API loop's thread adds
 to them; a scrape on the admin thread reads a float, which the interpreter lock keeps
 whole. In multiprocess mode (values in per-process mmap'ed files the supervisor sums)
-a tally calls the value's own locked `inc`, which writes the file.
+a tally writes the new value to the file at once, as prometheus-client's `inc` does
+(`_FileTally`), so the sums stay exact and immediate.
 """
 
 from __future__ import annotations
@@ -63,8 +64,28 @@ class Tally:
         self._value._value += amount
 
 
+class _FileTally(Tally):
+    """A tally in multiprocess mode: adds to the value and writes it to this process's
+    mmap'ed file, as `MmapedValue.inc` does, without its lock and its `getpid()` (a
+    fork check; workers are spawned, never forked). The lock guards the file growing
+    when a child is made: children are made on the API loop's thread, which is the only
+    one adding to these series; the audit thread's pre-bound counters take the lock."""
+
+    __slots__ = ("_file", "_key")
+
+    def __init__(self, value: Any) -> None:
+        super().__init__(value)
+        self._file = value._file
+        self._key = value._key
+
+    def add(self, amount: float = 1.0) -> None:
+        value = self._value
+        value._value += amount
+        self._file.write_value(self._key, value._value, 0.0)
+
+
 class _SharedTally(Tally):
-    """A tally in multiprocess mode: the value's own `inc` writes the mmap'ed file."""
+    """A tally on a value class we do not know: its own (locked) `inc`."""
 
     __slots__ = ()
 
@@ -73,7 +94,11 @@ class _SharedTally(Tally):
 
 
 def _tally(value: Any) -> Tally:
-    return Tally(value) if type(value) is MutexValue else _SharedTally(value)
+    if type(value) is MutexValue:
+        return Tally(value)
+    if getattr(value, "_multiprocess", False) and hasattr(value, "_file"):
+        return _FileTally(value)
+    return _SharedTally(value)
 
 
 def tally(child: Counter | Gauge) -> Tally:

@@ -1,16 +1,22 @@
 """Tallies (zrproxy.metrics) count what prometheus-client's own `inc`/`observe` would.
 
 They add to prometheus-client's value objects in place (its `MutexValue._value`, a
-histogram child's `_upper_bounds`, `_buckets` and `_sum`): these tests pin those
-internals, so an upgrade that renames them fails here, not in production metrics.
+histogram child's `_upper_bounds`, `_buckets` and `_sum`, in multiprocess mode the
+`MmapedValue`'s `_file` and `_key`): these tests pin those internals, so an upgrade
+that renames them fails here, not in production metrics.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import prometheus_client
+import pytest
+from prometheus_client import CollectorRegistry, values
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.values import MutexValue
 
-from zrproxy.metrics import Metrics, Spread, Tally, status_class, tally
+from zrproxy.metrics import Metrics, Spread, Tally, _tally, status_class, tally
 
 # (project, route, upstream, status, stream, duration, ttfb, bytes in, out, chunks, tokens)
 _Request = tuple[str, str, str, int, bool, float, float, int, int, int, dict[str, int]]
@@ -112,3 +118,24 @@ def test_single_process_tallies_skip_the_lock_on_prometheus_clients_value() -> N
     counter.add(2.0)
     assert child._value.get() == 2.0
     assert type(counter) is Tally
+
+
+def test_multiprocess_tallies_write_every_add_to_the_process_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The value class prometheus-client uses when PROMETHEUS_MULTIPROC_DIR is set
+    # (chosen at its import, so built here by hand, as `values.ValueClass` is).
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    mmaped = values.MultiProcessValue(lambda: 4242)
+    labels = ("project", "route")
+    value = mmaped("counter", "zrproxy_t", "zrproxy_t_total", labels, ("acme", "r1"), "doc")
+    counter = _tally(value)
+    assert type(counter).__name__ == "_FileTally"
+    for amount in (1.0, 2.0, 0.5):
+        counter.add(amount)
+    # What the supervisor's MultiProcessCollector reads: the file, right after the add.
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
+    assert registry.get_sample_value("zrproxy_t_total", {"project": "acme", "route": "r1"}) == 3.5
+    assert value.get() == 3.5
+    values.close_all_multiprocess_files()  # type: ignore[no-untyped-call]
