@@ -108,7 +108,8 @@ def zrproxy_config(mock: Server, key_sha256: str, caps: dict[str, int] | None = 
         + "[[upstreams]]\n"
         'name = "mock"\nkind = "openai"\n'
         f'base_url = "http://{mock.host}:{mock.port}/v1"\n'
-        # The mock keeps nothing; zero-retention projects (the default) need this.
+        # The mock keeps nothing; without this a zero-retention project (the default)
+        # has no upstream and every request is refused before reaching the mock.
         "zero_data_retention = true\n"
         # The memory scenario holds 10,000 streams open at once.
         "max_connections = 20000\n"

@@ -107,6 +107,9 @@ def _reject_constant(_name: str) -> Any:
     raise ValueError
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 @dataclass(slots=True)
 class ParsedRequest:
     """What the proxy needs from a request body; `payload` is dropped with the request."""
@@ -123,10 +126,13 @@ def parse_request(body: bytes, default_model: str | None = None) -> ParsedReques
 
     Uses the stdlib parser: orjson keeps a process-wide cache of object keys up to 64
     bytes, so a key that carries content would outlive the request. The stdlib decoder
-    memoises keys per call only.
+    memoises keys per call only (its scanner clears the memo when a call returns), so
+    one decoder serves every request: `json.loads` with a keyword argument built a
+    decoder and scanner per call (3 µs, and objects that outlived a burst).
     """
     try:
-        payload = json.loads(body, parse_constant=_reject_constant)
+        # What json.loads does with bytes: UTF-8, -16 or -32 by the first bytes.
+        payload = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except (ValueError, RecursionError):
         # The decode error keeps the whole input in `.doc`: let it die here, then raise.
         payload = None

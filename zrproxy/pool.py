@@ -190,6 +190,10 @@ class Pool:
             self._all.discard(conn)
             if self._budget is not None:
                 self._budget.open -= 1
+            if not self._all:
+                # A set keeps the table it grew to until cleared (after a burst of 5,000
+                # connections, 512 KiB); clearing it once empty gives the table back.
+                self._all.clear()
             self._count -= 1
             self._grant_slot()
 

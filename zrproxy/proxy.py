@@ -49,7 +49,7 @@ from zrproxy.errors import (
 from zrproxy.headers import REQUEST_ID, SSE_FIELDS, client_response_fields, request_id
 from zrproxy.http1 import Exchange
 from zrproxy.limits import Lease, Limits
-from zrproxy.metrics import NOT_KNOWN, Metrics, status_class
+from zrproxy.metrics import NOT_KNOWN, Metrics
 from zrproxy.outcomes import FailureKind, Outcome
 from zrproxy.policy import project_report, to_json
 from zrproxy.request import Request
@@ -185,7 +185,7 @@ class Proxy:
         admitted = limits.in_flight.enter()
         self._state.handlers.add(task)
         self._state.served += 1
-        self._metrics.in_flight.inc()
+        self._metrics.in_flight_now.add(1.0)
         # One timer per request for total_timeout_s, whatever phase it is in.
         deadline = loop.call_at(ex.started + self._total_timeout, _expire, ex, task)
         try:
@@ -227,8 +227,11 @@ class Proxy:
             if admitted:
                 limits.in_flight.leave()
             self._release(ex)
-            self._state.handlers.discard(task)
-            self._metrics.in_flight.dec()
+            handlers = self._state.handlers
+            handlers.discard(task)
+            if not handlers:
+                handlers.clear()  # gives back the table a burst grew (see Pool.lost)
+            self._metrics.in_flight_now.add(-1.0)
             self._record(ex, loop.time())
             if ex.audit is not None:
                 self._submit_audit(ex, loop.time())
@@ -335,14 +338,14 @@ class Proxy:
         out = StreamingResponse(upstream.status, fields, length)
         ex.response = out
         if ex.is_sse:
-            self._metrics.open_streams.inc()
+            self._metrics.open_streams_now.add(1.0)
         try:
             result = await relay(
                 upstream, request, out, ex.tap, self._loop.time, self._send_timeout
             )
         finally:
             if ex.is_sse:
-                self._metrics.open_streams.dec()
+                self._metrics.open_streams_now.add(-1.0)
         ex.bytes_out, ex.chunks, ex.first_byte_at = (
             result.bytes_out,
             result.chunks,
@@ -542,25 +545,25 @@ class Proxy:
             m.child(m.client_errors, "slow_read").inc()
         if not ex.proxied:
             return  # /v1/models and unknown paths are not proxied requests
-        status = ex.status or 499
-        stream = "true" if ex.stream else "false"
-        m.child(m.requests, ex.project, ex.route, ex.upstream, status_class(status), stream).inc()
-        m.child(m.duration, ex.route).observe(finished - ex.started)
+        series = m.series(ex.project, ex.route, ex.upstream, ex.status or 499, ex.stream)
+        series.requests.add(1.0)
+        series.duration.observe(finished - ex.started)
         if ex.first_byte_at:
-            m.child(m.ttfb, ex.route).observe(ex.first_byte_at - ex.started)
+            series.ttfb.observe(ex.first_byte_at - ex.started)
         if ex.bytes_in:
-            m.child(m.bytes_in, ex.project, ex.route).inc(ex.bytes_in)
+            series.bytes_in.add(ex.bytes_in)
         if ex.bytes_out:
-            m.child(m.bytes_out, ex.project, ex.route).inc(ex.bytes_out)
+            series.bytes_out.add(ex.bytes_out)
         if ex.chunks and ex.is_sse:
-            m.child(m.chunks, ex.route).inc(ex.chunks)
+            series.chunks.add(ex.chunks)
         tap = ex.tap
         if tap is not None:
             tokens = tap.tokens()
             if ex.project != NOT_KNOWN:
                 self.limits.projects.add_tokens(ex.project, sum(tokens.values()))
+            counters = series.tokens
             for kind, count in tokens.items():
                 if count:
-                    m.child(m.tokens, ex.project, ex.route, ex.upstream, kind).inc(count)
+                    counters[kind].add(count)
             ex.tap = None
         ex.response = None
