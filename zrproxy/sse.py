@@ -11,7 +11,11 @@ be gives a silently short answer. The check refuses, as the upstream's protocol 
 - a line that is not `data:`, `event:`, `id:`, `retry:`, a comment (`:`) or blank;
 - a `data:` value that does not start as JSON does (`{` or `[`; OpenAI's `[DONE]` too);
 - an event that names itself (`event:`) and ends with no `data:` line;
-- an event (the bytes between blank lines) larger than `max_event_bytes`.
+- an event (the bytes between blank lines) larger than `max_event_bytes`;
+- a stream that ends, even at an event's end, without its API's last event: OpenAI's
+  `data: [DONE]`, Anthropic's `message_stop`, the Responses API's `response.completed`,
+  `response.incomplete` or `response.failed`, or an `error` event. Each API sends one as
+  its last; without it the SDKs end the answer as if it were whole.
 It checks the start of each data value, not the whole JSON (that would parse every
 event on the hot path); an SDK raises its own JSON error for the rest.
 
@@ -38,6 +42,11 @@ _BAD = re.compile(
     + rb"|\n\r?\nevent:[^\n]*\n(?:(?:event|id|retry)?:[^\n]*\n)*\r?\n"
 )
 
+# A last event, at a line start (a raw line break never occurs inside a data value).
+_LAST = re.compile(
+    rb"\n(?:data: ?\[DONE\]|event: ?(?:message_stop|response\.(?:completed|incomplete|failed)"
+    rb"|error)\r?\n)"
+)
 _BLANK = re.compile(rb"\n\r?\n")
 _ENDS = (b"\n\n", b"\n\r\n")  # a read that ends with an event's end
 _JOIN_BELOW = 4096  # a read this small is searched joined to the previous read's tail
@@ -46,14 +55,14 @@ _JOIN_BELOW = 4096  # a read this small is searched joined to the previous read'
 class SseCheck:
     """Feed it every body byte of one SSE response, in order; forward what it returns."""
 
-    __slots__ = ("_context", "_event_bytes", "_held", "_max", "_started", "broken")
+    __slots__ = ("_context", "_event_bytes", "_held", "_last_seen", "_max", "broken")
 
     def __init__(self, max_event_bytes: int) -> None:
         self._max = max_event_bytes
         self._context = b"\n\n"  # the last bytes seen; the stream starts as after an event
         self._held = b""  # a line start too short to decide, not forwarded yet
         self._event_bytes = 0
-        self._started = False  # a byte came
+        self._last_seen = False  # the API's last event came
         self.broken = False
 
     def feed(self, data: bytes) -> bytes:
@@ -61,7 +70,6 @@ class SseCheck:
         decide (held until the next read), plus the one held before. On a fault, sets
         `broken` and returns only the whole events before it."""
         context, held = self._context, self._held
-        self._started = True
         # Line starts at the seam need the previous read's tail in front. A small read
         # is searched joined to it (one search); a large one where it is (no copy).
         if len(data) <= _JOIN_BELOW:
@@ -72,6 +80,10 @@ class SseCheck:
             bad = _BAD.search(seam) is not None or _BAD.search(data) is not None
         if bad:
             return self._fault(context + data, len(context) - len(held))
+        if not self._last_seen:
+            self._last_seen = _LAST.search(seam) is not None or (
+                len(data) > _JOIN_BELOW and _LAST.search(data) is not None
+            )
         if self._event_bytes + len(data) > self._max:
             over = self._oversize(context, data)
             if over != -1:
@@ -125,12 +137,13 @@ class SseCheck:
         return -1
 
     def ended_well(self) -> bool:
-        """Whether the stream, now at its end, ended with a whole event."""
+        """Whether the stream, now at its end, ended with a whole event, its API's last
+        one having come."""
         context = self._context
         return (
             not self.broken
             and not self._held
-            and self._started
+            and self._last_seen
             and context.endswith((b"\n\n", b"\n\r\n"))
         )
 

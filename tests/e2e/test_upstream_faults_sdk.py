@@ -226,6 +226,27 @@ async def test_a_stream_that_ends_inside_an_event_raises(
 
 
 @pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+async def test_a_stream_that_stops_between_events_raises(start_proxy: StartProxy, sdk: str) -> None:
+    # The upstream ends its body properly, at an event's end, before the API's last event
+    # (`[DONE]`, `message_stop`): the SDKs would end the answer there as if it were
+    # whole. The proxy makes it the upstream's protocol error, after the events it sent.
+    got_first = asyncio.Event()
+    last = _openai_chunk(MARK) if sdk == "openai" else CUT["anthropic"] + b'"}}\n\n'
+    steps: list[Step] = [SSE_HEAD + chunked(FIRST[sdk])[:-5], got_first, chunked(last), "hold"]
+    upstream = await RawUpstream(lambda i, h: steps).start()
+    try:
+        proxy = await start_proxy([{"name": "raw", "kind": sdk, "base_url": upstream.url}])
+        texts, exc = await _stream(sdk, proxy, got_first)
+    finally:
+        await upstream.stop()
+    assert texts == ["hello", MARK.decode()]
+    assert isinstance(exc, openai.APIError if sdk == "openai" else anthropic.APIStatusError)
+    assert UpstreamFailedMidStream.message in str(exc)
+    _echoes_nothing(exc)
+    assert await _errors(proxy, "protocol") == 1
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
 @pytest.mark.parametrize("fault", ["reset", "stall"])
 async def test_an_upstream_failing_mid_stream_raises_in_the_sdk(
     start_proxy: StartProxy, sdk: str, fault: str

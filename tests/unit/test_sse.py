@@ -62,7 +62,7 @@ def test_a_stream_ended_inside_an_event_is_cut_short(cuts: list[int], end: int) 
     stream = GOOD[:end]
     cuts = [c for c in cuts if c < end]
     verdict, _ = _run(stream, cuts)
-    whole = stream.endswith((b"\n\n", b"\r\n\r\n")) and stream.count(b"\n") > 0
+    whole = stream.endswith((b"\n\n", b"\r\n\r\n")) and b"\ndata: [DONE]\n" in stream
     assert verdict == ("whole" if whole else "cut short")
 
 
@@ -74,7 +74,7 @@ def test_a_stream_ended_inside_an_event_is_cut_short(cuts: list[int], end: int) 
 def test_an_event_over_the_bound_breaks_the_stream(
     sizes: list[int], bound: int, data: st.DataObject
 ) -> None:
-    events = [b"data: {" + b"x" * n + b"}\n\n" for n in sizes]
+    events = [b"data: {" + b"x" * n + b"}\n\n" for n in sizes] + [b"data: [DONE]\n\n"]
     stream = b"".join(events)
     verdict, out = _run(stream, data.draw(_cuts(len(stream))), bound)
     over = [i for i, e in enumerate(events) if len(e) > bound]
@@ -87,3 +87,24 @@ def test_an_event_over_the_bound_breaks_the_stream(
     # reads before the one that crossed the bound.
     assert out.startswith(before)
     assert len(out) < len(before) + len(events[over[0]])
+
+
+LAST_EVENTS = [
+    b"data: [DONE]\n\n",
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+    b'event: response.completed\ndata: {"type":"response.completed"}\n\n',
+    b'event: response.incomplete\r\ndata: {"type":"response.incomplete"}\r\n\r\n',
+    b'event: response.failed\ndata: {"type":"response.failed"}\n\n',
+    b'event: error\ndata: {"type":"error"}\n\n',
+]
+EVENTS = b'event: content_block_delta\ndata: {"a":1}\n\ndata: {"b":"[DONE]"}\n\n'
+
+
+@pytest.mark.parametrize("last", LAST_EVENTS)
+@given(data=st.data())
+def test_a_stream_is_whole_only_with_its_apis_last_event(last: bytes, data: st.DataObject) -> None:
+    # Whole events, but without the last one the SDKs would end the answer early: an
+    # upstream that stopped between events. `[DONE]` inside a data value is not one.
+    assert _run(EVENTS, data.draw(_cuts(len(EVENTS))))[0] == "cut short"
+    stream = EVENTS + last
+    assert _run(stream, data.draw(_cuts(len(stream)))) == ("whole", stream)
