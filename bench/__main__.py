@@ -22,7 +22,9 @@ from bench.context import Context, Target
 from zrproxy.auth import new_key
 
 RESULTS = Path(__file__).parent / "results"
-TARGETS = ("direct", "nginx", "zrproxy", "zrproxy-scrub")
+TARGETS = ("direct", "nginx", "zrproxy", "zrproxy-scrub", "zrproxy-pymalloc")
+# zrproxy-pymalloc (server.allocator = "pymalloc") runs when named in --targets.
+DEFAULT_TARGETS = TARGETS[:-1]
 # scenario -> (which targets it compares, how to run it)
 SCENARIOS: dict[str, tuple[tuple[str, ...], Callable[[Context], Any]]] = {
     "cpu": (TARGETS, throughput.run_cpu),
@@ -57,8 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _names(value: str | None, known: tuple[str, ...], what: str) -> list[str]:
-    names = value.split(",") if value else list(known)
+def _names(
+    value: str | None, known: tuple[str, ...], what: str, default: tuple[str, ...] = ()
+) -> list[str]:
+    names = value.split(",") if value else list(default or known)
     unknown = set(names) - set(known)
     if unknown:
         raise SystemExit(f"unknown {what}: {', '.join(sorted(unknown))}")
@@ -74,7 +78,10 @@ def _start(tmp: Path, names: list[str], mock: servers.Server, digest: str) -> li
         if name == "nginx":
             proxy = servers.start_nginx(tmp, mock)
         else:
-            flags = ("--scrub-memory",) if name == "zrproxy-scrub" else ()
+            flags = {
+                "zrproxy-scrub": ("--scrub-memory",),
+                "zrproxy-pymalloc": ("--allocator", "pymalloc"),
+            }.get(name, ())
             proxy = servers.start_zrproxy(tmp, name, mock, digest, flags=flags)
         targets.append(Target(name, proxy.host, proxy.port, proxy))
     return targets
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = _names(args.only, tuple(SCENARIOS), "scenario") if args.only else list(DEFAULT)
     if args.profile and "profile" not in scenarios:
         scenarios.append("profile")
-    wanted = _names(args.targets, TARGETS, "target")
+    wanted = _names(args.targets, TARGETS, "target", DEFAULT_TARGETS)
     needs_wrk = ("cpu", "throughput", "streams", "workers", "profile", "audit")
     if wrk.WRK is None and set(needs_wrk) & set(scenarios):
         print(f"wrk not found: skipping {', '.join(needs_wrk)}")

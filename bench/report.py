@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import servers, throughput, wrk
 
-COLUMNS = ("direct", "nginx", "zrproxy", "zrproxy-scrub")
+COLUMNS = ("direct", "nginx", "zrproxy", "zrproxy-scrub", "zrproxy-pymalloc")
 
 
 def machine() -> dict[str, Any]:

@@ -25,6 +25,7 @@ from zrproxy.checks import config_warnings
 from zrproxy.config import (
     PLACEHOLDER_ENV,
     Config,
+    ServerConfig,
     embedded_default,
     load_config,
     parse_address,
@@ -83,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-listen", help="override server.admin_listen (HOST:PORT)")
     serve.add_argument("--workers", type=int, help="override server.workers")
     serve.add_argument("--scrub-memory", action="store_true", help="set server.scrub_memory")
+    serve.add_argument("--allocator", choices=("malloc", "pymalloc"), help="set server.allocator")
     check = commands.add_parser(
         "check-config",
         help="validate a config: every error and warning",
@@ -235,7 +237,13 @@ def _server_overrides(args: argparse.Namespace) -> dict[str, Any]:
         changes["workers"] = args.workers
     if args.scrub_memory:
         changes["scrub_memory"] = True
+    if args.allocator is not None:
+        changes["allocator"] = args.allocator
     return changes
+
+
+def _with_server(changes: dict[str, Any]) -> ServerConfig:
+    return dataclasses.replace(ServerConfig(), **changes)
 
 
 def _with(config: Config, changes: dict[str, Any]) -> Config:
@@ -256,6 +264,10 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     if scrub and not hardening.is_scrubbed(environ):
         log.info("scrub mode: restarting with a wiping allocator")
         hardening.reexec_scrubbed(argv, environ)
+    allocator = (config.server if config is not None else _with_server(changes)).allocator
+    if allocator == "malloc" and environ.get("PYTHONMALLOC") != "malloc":
+        log.info("server.allocator malloc: restarting on glibc's allocator")
+        hardening.reexec_on_malloc(argv, environ)
     harden = functools.partial(_harden, config is not None and config.server.mlock)
     harden()
     if config is not None:
@@ -276,7 +288,10 @@ def _harden(mlock: bool) -> None:
         hardening.lock_memory()
     elif hardening.swap_enabled():
         log.warning("swap is on and server.mlock is off: in-flight requests may be swapped to disk")
-    log.info(hardening.summary(hardening.is_scrubbed(process_environment())))
+    environ = process_environment()
+    log.info(
+        hardening.summary(hardening.is_scrubbed(environ), hardening.started_allocator(environ))
+    )
 
 
 async def _serve_config(

@@ -35,6 +35,8 @@ OVERRIDE_ENDPOINTS: Mapping[Kind, tuple[str, ...]] = {
 }
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+Allocator = Literal["malloc", "pymalloc"]
+ALLOCATORS: tuple[Allocator, ...] = ("malloc", "pymalloc")
 # Overrides may add fields (store, metadata policy, ...) but not change what is asked.
 _PROTECTED_BODY_KEYS = frozenset({"model", "stream", "messages", "input", "prompt"})
 
@@ -63,6 +65,10 @@ class ServerConfig:
     send_timeout_s: float = 30.0
     mlock: bool = False
     scrub_memory: bool = False
+    # Small objects on glibc's malloc (PYTHONMALLOC=malloc, set by a re-exec at start):
+    # pymalloc keeps a 1 MiB arena while any block in it lives, so after a burst of
+    # streams a few survivors in C free lists held ~80 MiB; malloc gives it back.
+    allocator: Allocator = "malloc"
     workers: int = 1
     log_format: LogFormat = "text"
     # An HTTP forward proxy every upstream connection goes through (CONNECT), as
@@ -446,6 +452,14 @@ def _deployments(path: str, value: object) -> dict[str, str]:
     return dict(value)
 
 
+def _allocator(path: str, value: object) -> Allocator:
+    text = _str(path, value)
+    for known in ALLOCATORS:
+        if text == known:
+            return known
+    raise ConfigError(path, "must be 'malloc' or 'pymalloc'")
+
+
 def _log_format(path: str, value: object) -> LogFormat:
     text = _str(path, value)
     for known in LOG_FORMATS:
@@ -526,6 +540,7 @@ def _server(table: _Table, environ: Mapping[str, str]) -> ServerConfig:
         egress_proxy_auth=egress_auth,
         mlock=table.take("mlock", _bool, d.mlock),
         scrub_memory=table.take("scrub_memory", _bool, d.scrub_memory),
+        allocator=table.take("allocator", _allocator, d.allocator),
         workers=table.take("workers", _positive_int, d.workers),
         log_format=table.take("log_format", _log_format, d.log_format),
         max_connections=table.take("max_connections", _positive_int, d.max_connections),

@@ -138,15 +138,22 @@ def _locked_kib() -> int:
     return 0
 
 
-def summary(scrubbed: bool) -> str:
-    """One line saying which protections are in force, read back from the kernel."""
+def summary(scrubbed: bool, allocator: str) -> str:
+    """One line saying which protections are in force, read back from the kernel, and
+    the allocator the interpreter started with."""
     core = "off" if resource.getrlimit(resource.RLIMIT_CORE) == (0, 0) else "ON"
     dumpable = "off" if _prctl(_PR_GET_DUMPABLE) == 0 else "ON"
     mlock = "on" if _locked_kib() > 0 else "off"
     return (
         f"hardening: core dumps {core}, dumpable {dumpable}, mlock {mlock}, "
-        f"scrub mode {'on' if scrubbed else 'off'}"
+        f"scrub mode {'on' if scrubbed else 'off'}, allocator {allocator}"
     )
+
+
+def started_allocator(env: Mapping[str, str]) -> str:
+    """The allocator of this interpreter, from its start environment: "malloc" under
+    PYTHONMALLOC=malloc, else "pymalloc" (or the PYTHONMALLOC value given)."""
+    return env.get("PYTHONMALLOC") or "pymalloc"
 
 
 def swap_enabled() -> bool:
@@ -221,7 +228,17 @@ def is_scrubbed(env: Mapping[str, str]) -> bool:
 
 
 def reexec_scrubbed(argv: list[str], env: Mapping[str, str]) -> NoReturn:
-    """Replace this process with ``python -m zrproxy *argv`` under the scrubbed environment.
+    """Replace this process with ``python -m zrproxy *argv`` under the scrubbed environment."""
+    reexec(argv, scrub_environment(env))
+
+
+def reexec_on_malloc(argv: list[str], env: Mapping[str, str]) -> NoReturn:
+    """Replace this process with ``python -m zrproxy *argv`` on glibc's allocator."""
+    reexec(argv, {**env, "PYTHONMALLOC": "malloc"})
+
+
+def reexec(argv: list[str], env: Mapping[str, str]) -> NoReturn:
+    """Replace this process with ``python -m zrproxy *argv`` under `env`.
 
     The allocator is chosen while the interpreter starts (PYTHONMALLOC) and glibc reads
     its tunables once, at load, so setting either from inside a running process has no
@@ -235,7 +252,7 @@ def reexec_scrubbed(argv: list[str], env: Mapping[str, str]) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             stream.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "zrproxy", *argv], scrub_environment(env))
+    os.execve(sys.executable, [sys.executable, "-m", "zrproxy", *argv], dict(env))
 
 
 def raise_fd_limit() -> int:

@@ -19,7 +19,7 @@ from zrproxy.errors import ConfigError
 log = logging.getLogger("zrproxy")
 
 # [server] keys fixed for the life of the process.
-FIXED_AT_START = ("listen", "admin_listen", "workers", "scrub_memory", "mlock")
+FIXED_AT_START = ("listen", "admin_listen", "workers", "scrub_memory", "allocator", "mlock")
 
 
 def check_reloadable(running: Config, new: Config) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ TEXT_LINE = re.compile(
     r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) "
     r"(?P<logger>\S+) \[pid (?P<pid>\d+) worker (?P<worker>\d+)\]: (?P<message>.*)"
 )
-HARDENING = "hardening: core dumps off, dumpable off, mlock off, scrub mode {}"
+HARDENING = "hardening: core dumps off, dumpable off, mlock off, scrub mode {}, allocator malloc"
 
 
 def write_config(tmp_path: Path, **server: object) -> Path:
@@ -145,4 +146,29 @@ def test_mlock_is_reported_when_memory_is_locked(tmp_path: Path) -> None:
             raise
     finally:
         proc.stop()
-    assert "hardening: core dumps off, dumpable off, mlock on, scrub mode off" in proc.output()
+    assert (
+        "hardening: core dumps off, dumpable off, mlock on, scrub mode off, allocator malloc"
+        in proc.output()
+    )
+
+
+@pytest.mark.parametrize("allocator", ["malloc", "pymalloc"])
+def test_the_allocator_is_the_configured_one(tmp_path: Path, allocator: str) -> None:
+    # malloc (the default) re-executes the process under PYTHONMALLOC=malloc, the only
+    # way to choose the allocator; pymalloc leaves the interpreter as it started.
+    config = write_config(tmp_path, allocator=allocator)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"}
+    proc = LoggedProcess(
+        [sys.executable, "-m", "zrproxy", "serve", "--config", str(config)], env=env
+    )
+    try:
+        proc.wait_for("zrproxy ready", 90)
+        with open(f"/proc/{proc.proc.pid}/environ", "rb") as f:
+            environ = f.read().split(b"\0")
+    finally:
+        assert proc.stop() == 0, proc.output()
+    assert (b"PYTHONMALLOC=malloc" in environ) == (allocator == "malloc")
+    line = (
+        f"hardening: core dumps off, dumpable off, mlock off, scrub mode off, allocator {allocator}"
+    )
+    assert line in proc.output()
