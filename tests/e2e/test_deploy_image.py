@@ -207,6 +207,9 @@ def test_serve_as_the_image_user_passes_the_healthcheck(
         ready = proc.wait_for(r"zrproxy ready: api=(\S+) admin=http://127\.0\.0\.1:(\d+)", 60)
         status = Path(f"/proc/{proc.proc.pid}/status").read_text()
         assert re.search(rf"^Uid:\s+{UID}\s+{UID}\s+{UID}\s+{UID}$", status, re.MULTILINE)
+        # The image's ENV picks the allocator: serve starts on it, without a re-exec.
+        assert "allocator malloc" in proc.output()
+        assert "restarting" not in proc.output()
         (check,) = [a for ins, a in dockerfile_instructions() if ins == "HEALTHCHECK"]
         code = check.split('"-c", "', 1)[1].rsplit('"]', 1)[0]
         probe = code.replace("127.0.0.1:9090", f"127.0.0.1:{ready.group(2)}")
