@@ -78,9 +78,11 @@ def audited_config(
     keys: dict[str, str],
     audit: dict[str, Any] | None = None,
     retention_days: int = 30,
+    anthropic_url: str | None = None,
 ) -> dict[str, Any]:
     """Projects 'zr' (zero retention), 'beta' (audit log) and 'meta' (metadata only);
-    claude-* models go to an Anthropic-kind upstream. `keys` maps project to key digest."""
+    claude-* models go to an Anthropic-kind upstream (at `anthropic_url` where that mock
+    is another one). `keys` maps project to key digest."""
     return {
         "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"},
         "upstreams": [
@@ -88,7 +90,7 @@ def audited_config(
             {
                 "name": "claude",
                 "kind": "anthropic",
-                "base_url": mock_url,
+                "base_url": anthropic_url or mock_url,
                 "zero_data_retention": True,
             },
         ],
@@ -169,7 +171,9 @@ async def audited_services(mock: Mock, tmp_path: Path) -> AsyncIterator[Start]:
         for name in ("zr", "beta", "meta"):
             keys[name], digests[name] = new_key()
         audit_dir = tmp_path / "audit"
-        data = audited_config(mock.url, recipient, audit_dir, digests, audit, retention_days)
+        data = audited_config(
+            mock.url, recipient, audit_dir, digests, audit, retention_days, mock.anthropic_url
+        )
         service = Service(parse_config(data, {}), audit_clock=clock)
         await service.start()
         services.append(service)

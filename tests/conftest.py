@@ -39,8 +39,15 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> M
 
 @dataclass
 class Mock:
-    url: str  # base URL ending in /v1, usable as an upstream base_url
+    """The bundled mock, once per provider kind, the two sharing one `stats`: each
+    answers only its kind's paths, so a request sent across kinds fails the test."""
+
+    url: str  # the OpenAI-kind mock's base URL, ending in /v1, for an upstream base_url
     stats: MockStats
+    anthropic_url: str = ""  # the Anthropic-kind mock's; "" for a mock of one kind
+
+    def url_for(self, kind: str) -> str:
+        return self.anthropic_url if kind == "anthropic" and self.anthropic_url else self.url
 
 
 @dataclass
@@ -64,10 +71,17 @@ async def fakes() -> AsyncIterator[FakeUpstreams]:
 
 @pytest.fixture
 async def mock() -> AsyncIterator[Mock]:
-    runner, url = await start_mock()
+    runner, url = await start_mock(kind="openai")
+    stats = runner.app[MOCK_STATS]
     try:
-        yield Mock(url, runner.app[MOCK_STATS])
+        anthropic_runner, anthropic_url = await start_mock(kind="anthropic", stats=stats)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    try:
+        yield Mock(url, stats, anthropic_url)
     finally:
+        await anthropic_runner.cleanup()
         await runner.cleanup()
 
 
@@ -143,12 +157,12 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
 
 @pytest.fixture
 async def proxy(mock: Mock, start_proxy: StartProxy) -> RunningProxy:
-    """The proxy with the mock as an OpenAI-kind upstream ("mock") and as an
-    Anthropic-kind one ("mock-anthropic"), serving every model on every endpoint."""
+    """The proxy with the OpenAI-kind mock as upstream "mock" and the Anthropic-kind one
+    as "mock-anthropic", serving every model on every endpoint."""
     return await start_proxy(
         [
             {"name": "mock", "kind": "openai", "base_url": mock.url},
-            {"name": "mock-anthropic", "kind": "anthropic", "base_url": mock.url},
+            {"name": "mock-anthropic", "kind": "anthropic", "base_url": mock.anthropic_url},
         ]
     )
 

@@ -17,9 +17,15 @@ import orjson
 from tests.fakes import closed_port
 
 
-def retention_config(mock_url: str, key_sha256: str, ca_file: str | None = None) -> dict[str, Any]:
+def retention_config(
+    mock_url: str,
+    key_sha256: str,
+    ca_file: str | None = None,
+    anthropic_url: str | None = None,
+) -> dict[str, Any]:
     """Routes that reach every path: failover through a dead upstream, timeouts, 404s.
-    With `ca_file`, the mock is an https:// one whose certificate that CA issued."""
+    With `ca_file`, the mock is an https:// one whose certificate that CA issued;
+    `anthropic_url`, the Anthropic-kind mock where it is another one."""
     dead_port = closed_port()
     config = {
         "server": {
@@ -39,7 +45,7 @@ def retention_config(mock_url: str, key_sha256: str, ca_file: str | None = None)
             {
                 "name": "mock-anthropic",
                 "kind": "anthropic",
-                "base_url": mock_url,
+                "base_url": anthropic_url or mock_url,
                 "zero_data_retention": True,
             },
             # The same mock declared as retaining: zero-retention requests never reach it.

@@ -404,13 +404,16 @@ _AZURE_ROUTES: Final[tuple[tuple[str, Api], ...]] = (
 )
 
 
-def create_mock_app(kind: MockKind | None = None) -> web.Application:
-    """The mock upstream application; its ``MockStats`` is at ``app[MOCK_STATS]``.
+def create_mock_app(
+    kind: MockKind | None = None, stats: MockStats | None = None
+) -> web.Application:
+    """The mock upstream application; its ``MockStats`` (``stats``, or its own) is at
+    ``app[MOCK_STATS]``.
 
     ``kind`` names the provider it plays: only that provider's paths answer, any other
     gets the provider's own 404 (None: every kind's paths, OpenAI's 404)."""
     app = web.Application(client_max_size=_MAX_BODY_BYTES)
-    app[MOCK_STATS] = MockStats()
+    app[MOCK_STATS] = MockStats() if stats is None else stats
     app[MOCK_KIND] = kind
     if kind in (None, "openai"):
         for path, api in _OPENAI_ROUTES:
@@ -442,6 +445,7 @@ async def start_mock(
     *,
     kind: MockKind | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    stats: MockStats | None = None,
 ) -> tuple[web.AppRunner, str]:
     """Start the mock on ``host:port`` (0 = any free port), as `kind` (see
     `create_mock_app`), over TLS with ``ssl_context``.
@@ -452,7 +456,10 @@ async def start_mock(
     """
     # A short shutdown_timeout: a mock mid-`hang` must not hold cleanup for a minute.
     runner = web.AppRunner(
-        create_mock_app(kind), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+        create_mock_app(kind, stats),
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=1.0,
     )
     await runner.setup()
     try:

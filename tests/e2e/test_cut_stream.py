@@ -13,7 +13,9 @@ from tests.conftest import Mock, StartProxy, kind_for, metric, raw_post
 async def test_a_mid_stream_failure_ends_without_the_last_chunk(
     mock: Mock, start_proxy: StartProxy, path: str
 ) -> None:
-    proxy = await start_proxy([{"name": "mock", "kind": kind_for(path), "base_url": mock.url}])
+    proxy = await start_proxy(
+        [{"name": "mock", "kind": kind_for(path), "base_url": mock.url_for(kind_for(path))}]
+    )
     body = orjson.dumps(
         {"model": "mock-n10-r3", "stream": True, "messages": [{"role": "user", "content": "x"}]}
     )

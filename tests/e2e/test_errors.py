@@ -396,7 +396,8 @@ async def test_body_too_large_is_413(
     framing: str,
 ) -> None:
     proxy = await start_proxy(
-        [{"name": "mock", "kind": kind_for(path), "base_url": mock.url}], max_body_bytes=MAX_BODY
+        [{"name": "mock", "kind": kind_for(path), "base_url": mock.url_for(kind_for(path))}],
+        max_body_bytes=MAX_BODY,
     )
     payload = big_body(marker)
     assert len(payload) > MAX_BODY
@@ -534,7 +535,8 @@ async def test_upstream_without_headers_is_504(
     stream: bool,
 ) -> None:
     proxy = await start_proxy(
-        [{"name": "mock", "kind": kind_for(path), "base_url": mock.url}], first_byte_timeout_s=0.5
+        [{"name": "mock", "kind": kind_for(path), "base_url": mock.url_for(kind_for(path))}],
+        first_byte_timeout_s=0.5,
     )
     data = json.dumps(
         {"model": "mock-hang", "stream": stream, "messages": [{"role": "user", "content": marker}]}
@@ -569,7 +571,8 @@ async def test_total_timeout_before_headers_is_504(
 ) -> None:
     # first_byte_timeout_s is long: it is the request's total deadline that expires.
     proxy = await start_proxy(
-        [{"name": "mock", "kind": kind_for(path), "base_url": mock.url}], total_timeout_s=1
+        [{"name": "mock", "kind": kind_for(path), "base_url": mock.url_for(kind_for(path))}],
+        total_timeout_s=1,
     )
     data = json.dumps({"model": model, "stream": stream, "messages": [], "note": marker})
     resp, body = await send(
@@ -598,7 +601,8 @@ async def test_total_timeout_mid_stream_is_in_band(
     mock: Mock, start_proxy: StartProxy, session: aiohttp.ClientSession, path: str
 ) -> None:
     proxy = await start_proxy(
-        [{"name": "mock", "kind": kind_for(path), "base_url": mock.url}], total_timeout_s=1
+        [{"name": "mock", "kind": kind_for(path), "base_url": mock.url_for(kind_for(path))}],
+        total_timeout_s=1,
     )
     data = json.dumps({"model": "mock-n100-d50", "stream": True, "messages": []})
     resp = await raw_post(proxy.url, path, data.encode(), proxy.auth())
@@ -626,12 +630,12 @@ async def test_upstream_4xx_passes_through_without_failover(
 ) -> None:
     proxy = await start_proxy(
         [
-            {"name": "first", "kind": kind_for(path), "base_url": mock.url},
-            {"name": "second", "kind": kind_for(path), "base_url": mock.url},
+            {"name": "first", "kind": kind_for(path), "base_url": mock.url_for(kind_for(path))},
+            {"name": "second", "kind": kind_for(path), "base_url": mock.url_for(kind_for(path))},
         ]
     )
     data = json.dumps({"model": f"mock-e{status}", "messages": [{"role": "user", "content": "x"}]})
-    async with session.post(mock.url[:-3] + path, data=data) as direct:
+    async with session.post(mock.url_for(kind_for(path))[:-3] + path, data=data) as direct:
         expected = await direct.read()
         assert direct.status == status
     started = mock.stats.started
@@ -661,8 +665,8 @@ async def test_upstream_refusing_our_key_is_502_and_fails_over(
     # next upstream is tried.
     proxy = await start_proxy(
         [
-            {"name": "first", "kind": kind_for(path), "base_url": mock.url},
-            {"name": "second", "kind": kind_for(path), "base_url": mock.url},
+            {"name": "first", "kind": kind_for(path), "base_url": mock.url_for(kind_for(path))},
+            {"name": "second", "kind": kind_for(path), "base_url": mock.url_for(kind_for(path))},
         ],
         routes=[
             {"name": "refused", "model": "mock-e*", "upstreams": ["first"]},

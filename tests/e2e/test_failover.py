@@ -285,7 +285,7 @@ async def test_no_retry_after_first_byte_stream_gets_in_band_error(
     spare = await fakes.start("spare", "ok")
     kind = "anthropic" if path == "/v1/messages" else "openai"
     proxy = await start_proxy(
-        [upstream("mock", mock.url, kind), upstream("spare", spare.url, kind)],
+        [upstream("mock", mock.url_for(kind), kind), upstream("spare", spare.url, kind)],
         routes=[{"model": "*", "upstreams": ["mock", "spare"], "name": "r"}],
     )
     make = anthropic if kind == "anthropic" else chat
@@ -332,7 +332,10 @@ async def test_stream_idle_timeout_gets_in_band_504_error(
 ) -> None:
     spare = await fakes.start("spare", "ok")
     proxy = await start_proxy(
-        [upstream("mock", mock.url, kind_for(path)), upstream("spare", spare.url, kind_for(path))],
+        [
+            upstream("mock", mock.url_for(kind_for(path)), kind_for(path)),
+            upstream("spare", spare.url, kind_for(path)),
+        ],
         routes=[{"model": "*", "upstreams": ["mock", "spare"]}],
         idle_timeout_s=0.5,
     )

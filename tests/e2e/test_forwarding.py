@@ -57,7 +57,14 @@ async def test_upstream_key_is_injected(
     client_auth: str,
 ) -> None:
     proxy = await start_proxy(
-        [{"name": "up", "kind": kind, "base_url": mock.url, "api_key_env": "UPSTREAM_KEY"}],
+        [
+            {
+                "name": "up",
+                "kind": kind,
+                "base_url": mock.url_for(kind),
+                "api_key_env": "UPSTREAM_KEY",
+            }
+        ],
         environ={"UPSTREAM_KEY": UPSTREAM_KEY},
     )
     auth = proxy.auth() if client_auth == "bearer" else {"x-api-key": proxy.key}
@@ -395,7 +402,7 @@ async def test_upstream_model_renames_the_model(
     proxy = await start_proxy(
         [
             {"name": "mock", "kind": "openai", "base_url": mock.url},
-            {"name": "mock-anthropic", "kind": "anthropic", "base_url": mock.url},
+            {"name": "mock-anthropic", "kind": "anthropic", "base_url": mock.anthropic_url},
         ],
         routes=[
             {
@@ -639,7 +646,9 @@ async def test_openai_sdk_responses(proxy: RunningProxy, marker: str) -> None:
 
 
 async def test_anthropic_sdk_messages(mock: Mock, start_proxy: StartProxy, marker: str) -> None:
-    proxy = await start_proxy([{"name": "mock", "kind": "anthropic", "base_url": mock.url}])
+    proxy = await start_proxy(
+        [{"name": "mock", "kind": "anthropic", "base_url": mock.anthropic_url}]
+    )
     before = await completion_tokens(proxy)
     async with anthropic_client(proxy) as client:
         message = await client.messages.create(

@@ -44,7 +44,7 @@ FIXED_ENUMS = {
 async def test_series_stay_within_the_config_bound(mock: Mock, start_proxy: StartProxy) -> None:
     upstreams = [
         {"name": "mock-a", "kind": "openai", "base_url": mock.url},
-        {"name": "mock-b", "kind": "anthropic", "base_url": mock.url},
+        {"name": "mock-b", "kind": "anthropic", "base_url": mock.anthropic_url},
     ]
     routes = [
         {"model": "mock-n2*", "upstreams": ["mock-a"], "name": "short"},

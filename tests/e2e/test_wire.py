@@ -73,7 +73,7 @@ async def test_models_list_through_both_sdks(mock: Mock, start_proxy: StartProxy
 async def test_endpoint_the_models_upstreams_lack_is_400(
     mock: Mock, start_proxy: StartProxy, session: aiohttp.ClientSession, kind: str, path: str
 ) -> None:
-    proxy = await start_proxy([{"name": "up", "kind": kind, "base_url": mock.url}])
+    proxy = await start_proxy([{"name": "up", "kind": kind, "base_url": mock.url_for(kind)}])
     body = {"model": "mock", "input": "x", "messages": [{"role": "user", "content": "x"}]}
     async with session.post(proxy.url + path, json=body, headers=proxy.auth()) as resp:
         assert resp.status == 400
@@ -98,7 +98,7 @@ async def test_failover_skips_upstreams_of_the_other_kind(
     proxy = await start_proxy(
         [
             {"name": "oa", "kind": "openai", "base_url": mock.url},
-            {"name": "an", "kind": "anthropic", "base_url": mock.url},
+            {"name": "an", "kind": "anthropic", "base_url": mock.anthropic_url},
         ],
         routes=[{"model": "*", "upstreams": ["oa", "an"]}],
     )
@@ -146,8 +146,8 @@ async def test_region_refusal_is_403_and_the_sdk_does_not_retry(
     key, digest = new_key()
     proxy = await start_proxy(
         [
-            {"name": "us", "kind": "anthropic", "base_url": mock.url, "region": "us"},
-            {"name": "eu", "kind": "anthropic", "base_url": mock.url, "region": "eu"},
+            {"name": "us", "kind": "anthropic", "base_url": mock.anthropic_url, "region": "us"},
+            {"name": "eu", "kind": "anthropic", "base_url": mock.anthropic_url, "region": "eu"},
         ],
         routes=[{"model": "*", "upstreams": ["us"]}],
         projects=[{"name": "acme", "key_sha256": [digest], "regions": ["eu"]}],

@@ -49,7 +49,9 @@ EXPECTED = {
 @pytest.fixture
 async def running(mock: Mock):
     key, digest = new_key()
-    service = Service(parse_config(retention_config(mock.url, digest), {}))
+    service = Service(
+        parse_config(retention_config(mock.url, digest, anthropic_url=mock.anthropic_url), {})
+    )
     await service.start()
     yield service, key
     await service.stop()
