@@ -30,6 +30,7 @@ and the only variable parts are names taken from the config (key paths, upstream
         ├── BodyTooLarge             413
         ├── UriTooLong               414
         ├── HeadTooLarge             431 over a header size or count limit
+        ├── TransferCodingNotImplemented 501 a transfer coding other than plain chunked
         ├── RateLimited              429 a project's limit; carries Retry-After
         ├── UpstreamUnavailable      502
         ├── UpstreamAuthFailed       502 every upstream refused our provider key (401/403)
@@ -174,6 +175,19 @@ class UriTooLong(ProxyError):
     error_type = "invalid_request_error"
     code = "uri_too_long"
     message = "The request line exceeds the configured limit."
+    reject_reason = "malformed"
+
+
+class TransferCodingNotImplemented(ProxyError):
+    # RFC 9112 6.1: a server that receives a transfer coding it does not understand
+    # should answer 501 (nginx does). We decode only plain `chunked`.
+    status = 501
+    error_type = "invalid_request_error"
+    code = "unsupported_transfer_coding"
+    message = (
+        "Only the chunked transfer coding is supported;"
+        " send the body with Content-Length or plain chunked."
+    )
     reject_reason = "malformed"
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -49,6 +50,7 @@ from zrproxy.errors import (
     InternalError,
     MalformedHttp,
     ProxyError,
+    TransferCodingNotImplemented,
     UriTooLong,
     forget,
 )
@@ -77,12 +79,17 @@ def _refusal(error: ProxyError) -> bytes:
     return head + body
 
 
+# RFC 9110 token (a coding name) and what may follow its ";" (parameters, possibly none).
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]+")
+_PARAMS = re.compile(rb"[ \t!#$%&'*+.^_`|~0-9a-z;=-]*")
+
 _REFUSALS = {
     400: MalformedHttp(),
     408: HeadTimeout(),
     414: UriTooLong(),
     431: HeadTooLarge(),
     500: InternalError(),
+    501: TransferCodingNotImplemented(),
 }
 
 
@@ -180,7 +187,8 @@ class HttpProtocol(asyncio.Protocol):
         "_requests",
         "_server",
         "_tail",
-        "_te",
+        "_te_names",
+        "_te_params",
         "_url",
         "current",
         "task",
@@ -218,7 +226,10 @@ class HttpProtocol(asyncio.Protocol):
         self._url: list[bytes] = []
         self._raw: list[tuple[bytes, bytes]] = []
         self._fields = 0
-        self._te = 0  # Transfer-Encoding fields; -1 once one is not exactly "chunked"
+        # Transfer-Encoding: the coding names in order (tokens only, e.g. b"gzip"); -1 in
+        # _te_names' place (None) once a value is no list of codings.
+        self._te_names: list[bytes] | None = []
+        self._te_params = False
         self._content_length: int | None = None
         self._expect = False
         self._encoding = b""
@@ -309,7 +320,9 @@ class HttpProtocol(asyncio.Protocol):
         self._in_head = True
         self._url.clear()
         self._raw = []
-        self._fields = self._te = 0
+        self._fields = 0
+        self._te_names = []
+        self._te_params = False
         self._content_length = None
         self._expect = False
         self._encoding = b""
@@ -327,10 +340,18 @@ class HttpProtocol(asyncio.Protocol):
             return  # a trailer: counted, then dropped
         lower = name.lower()
         if lower == b"transfer-encoding":
-            # Only exactly one "chunked" is unambiguous; llhttp accepts "gzip, chunked"
-            # and framings other parsers read another way.
-            chunked = value.strip(b" \t").lower() == b"chunked"
-            self._te = 1 if chunked and self._te == 0 else -1
+            # Only exactly one "chunked" is unambiguous (llhttp accepts "gzip, chunked",
+            # and other parsers read such framings another way): see `_transfer_verdict`.
+            names = self._te_names
+            if names is not None:
+                for element in value.lower().split(b","):
+                    name, semicolon, params = element.partition(b";")
+                    name = name.strip(b" \t")
+                    if not _TOKEN.fullmatch(name) or not _PARAMS.fullmatch(params):
+                        self._te_names = None
+                        break
+                    names.append(name)
+                    self._te_params |= bool(semicolon)
         elif lower == b"content-length":
             self._content_length = int(value)  # llhttp let through digits only, once
         elif lower == b"content-encoding":
@@ -340,12 +361,27 @@ class HttpProtocol(asyncio.Protocol):
             self._expect = value.strip(b" \t").lower() == b"100-continue"
         self._raw.append((name, value))
 
+    def _transfer_verdict(self) -> int:
+        """0 for a request framed by Content-Length or by exactly one plain `chunked`;
+        501 for well-formed transfer codings ending in one `chunked` (RFC 9112 6.1: a
+        coding we do not decode, and no Content-Length beside it); 400 for the rest:
+        a value that is no list of codings, `chunked` twice or not last (RFC 9112 6.3)."""
+        names = self._te_names
+        if names is None:
+            return 400
+        if not names or (names == [b"chunked"] and not self._te_params):
+            return 0
+        if names.count(b"chunked") == 1 and names[-1] == b"chunked":
+            return 400 if self._content_length is not None else 501
+        return 400
+
     def on_headers_complete(self) -> None:
         parser = self._parser
         if parser is None:
             return
-        if self._te < 0:
-            raise _Refused(400)
+        verdict = self._transfer_verdict()
+        if verdict:
+            raise _Refused(verdict)
         if parser.should_upgrade():
             # `Connection: upgrade` with `Upgrade`, or CONNECT: llhttp would hand the rest
             # of the stream over unparsed (a body it announced included). We never upgrade.
@@ -366,8 +402,8 @@ class HttpProtocol(asyncio.Protocol):
             target.decode("utf-8", "surrogateescape"),
             b"1.0" if version == "1.0" else b"1.1",
             RequestHeaders(self._raw),
-            None if self._te else self._content_length,
-            self._te == 1,
+            None if self._te_names else self._content_length,
+            bool(self._te_names),
             parser.should_keep_alive(),
             self._expect,
             self._encoding,

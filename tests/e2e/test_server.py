@@ -10,6 +10,7 @@ import gzip
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.conftest import Mock, RunningProxy, StartProxy, metric
 
@@ -309,4 +310,40 @@ async def test_upgrade_and_connect_requests_are_refused(
         assert orjson.loads(body)["error"]["code"] == "bad_http_request"
         assert await _closed(reader)
         writer.close()
+    assert mock.stats.started == 0
+
+
+@pytest.mark.parametrize(
+    ("codings", "status"),
+    [
+        (["gzip, chunked"], 501),  # a coding we do not decode: RFC 9112 6.1
+        (["deflate", "chunked"], 501),  # the same list in two fields
+        (["chunked;ext=1"], 501),  # chunked with a parameter
+        (["chunked, gzip"], 400),  # chunked not last: RFC 9112 6.3
+        (["chunked", "chunked"], 400),  # chunked twice
+        (["gzip"], 400),  # no chunked at all: no framing
+        (["chunked,"], 400),  # an empty element: no list of codings
+        (["gzip, chunked", "Content-Length: 5"], 400),  # both framings
+    ],
+)
+async def test_transfer_codings_but_plain_chunked_are_refused(
+    mock: Mock, start_proxy: StartProxy, codings: list[str], status: int
+) -> None:
+    proxy = await start_proxy(_upstreams(mock))
+    fields = "".join(
+        f"{c}\r\n" if c.startswith("Content-Length") else f"Transfer-Encoding: {c}\r\n"
+        for c in codings
+    )
+    reader, writer = await _connect(proxy)
+    writer.write(
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {proxy.key}\r\n"
+        f"Content-Type: application/json\r\n{fields}\r\n5\r\nhello\r\n0\r\n\r\n".encode()
+    )
+    line, _fields, body = await _response(reader)
+    assert int(line.split()[1]) == status
+    code = "unsupported_transfer_coding" if status == 501 else "bad_http_request"
+    assert orjson.loads(body)["error"]["code"] == code
+    assert b"hello" not in body and b"gzip" not in body
+    assert await _closed(reader)
+    writer.close()
     assert mock.stats.started == 0
