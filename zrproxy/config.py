@@ -422,12 +422,26 @@ def _base_url(path: str, value: object) -> str:
     return text
 
 
-def _kind(path: str, value: object) -> Kind:
-    text = _str(path, value)
-    for known in KINDS:
-        if text == known:
-            return known
-    raise ConfigError(path, "must be 'openai', 'anthropic' or 'azure_openai'")
+_S = TypeVar("_S", bound=str)
+
+
+def _one_of(known: tuple[_S, ...]) -> Callable[[str, object], _S]:
+    """A parser for a string that must be one of `known` (the config's fixed choices)."""
+    choices = ", ".join(f"'{k}'" for k in known[:-1]) + f" or '{known[-1]}'"
+
+    def parse(path: str, value: object) -> _S:
+        text = _str(path, value)
+        for choice in known:
+            if text == choice:
+                return choice
+        raise ConfigError(path, f"must be {choices}")
+
+    return parse
+
+
+_kind = _one_of(KINDS)
+_allocator = _one_of(ALLOCATORS)
+_log_format = _one_of(LOG_FORMATS)
 
 
 def _api_version(path: str, value: object) -> str:
@@ -450,22 +464,6 @@ def _deployments(path: str, value: object) -> dict[str, str]:
                 f"{path}.{model}", "must be a deployment name (letters, digits, '.', '_', '-')"
             )
     return dict(value)
-
-
-def _allocator(path: str, value: object) -> Allocator:
-    text = _str(path, value)
-    for known in ALLOCATORS:
-        if text == known:
-            return known
-    raise ConfigError(path, "must be 'malloc' or 'pymalloc'")
-
-
-def _log_format(path: str, value: object) -> LogFormat:
-    text = _str(path, value)
-    for known in LOG_FORMATS:
-        if text == known:
-            return known
-    raise ConfigError(path, "must be 'text' or 'json'")
 
 
 def _env_name(path: str, value: object) -> str:

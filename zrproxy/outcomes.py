@@ -6,7 +6,7 @@ Names only: no content, no behaviour. Metric label values for failures come from
 from __future__ import annotations
 
 import enum
-from typing import Literal
+from typing import Literal, get_args
 
 # How one upstream attempt failed. "protocol": the upstream's bytes broke HTTP framing
 # (or framing we refuse, such as a body delimited by closing the connection).
@@ -24,17 +24,7 @@ FailureKind = Literal[
     "tls",
     "not_found",
 ]
-FAILURE_KINDS: tuple[FailureKind, ...] = (
-    "connect",
-    "timeout",
-    "status_429",
-    "status_5xx",
-    "reset",
-    "protocol",
-    "auth",
-    "tls",
-    "not_found",
-)
+FAILURE_KINDS: tuple[FailureKind, ...] = get_args(FailureKind)
 
 
 class Outcome(enum.Enum):
