@@ -142,6 +142,24 @@ async def _run(
     return proxy, upstream, texts, exc
 
 
+async def _after_first(
+    start_proxy: StartProxy, sdk: str, rest: list[Step], **server: object
+) -> tuple[RunningProxy, list[str], BaseException | None]:
+    """Stream through `sdk` from an upstream that sends the first event, waits until the
+    SDK has yielded it, then plays `rest`."""
+    got_first = asyncio.Event()
+    steps: list[Step] = [SSE_HEAD + chunked(FIRST[sdk])[:-5], got_first, *rest]
+    upstream = await RawUpstream(lambda i, h: steps).start()
+    try:
+        proxy = await start_proxy(
+            [{"name": "raw", "kind": sdk, "base_url": upstream.url}], **server
+        )
+        texts, exc = await _stream(sdk, proxy, got_first)
+    finally:
+        await upstream.stop()
+    return proxy, texts, exc
+
+
 # --- after the first byte -----------------------------------------------------------------
 
 
@@ -150,23 +168,13 @@ async def _run(
 async def test_a_broken_event_stream_raises_in_the_sdk(
     start_proxy: StartProxy, sdk: str, fault: str
 ) -> None:
-    got_first = asyncio.Event()
-    steps: list[Step] = [
-        SSE_HEAD + chunked(FIRST[sdk])[:-5],  # the first event, not the last chunk
-        got_first,
+    rest: list[Step] = [
         b"%x\r\n%b\r\n" % (len(BROKEN_SSE[fault]), BROKEN_SSE[fault]),
         b"%x\r\n%b\r\n" % (len(END[sdk]), END[sdk]),  # as if the stream went on well
         b"0\r\n\r\n",
         "hold",
     ]
-    upstream = await RawUpstream(lambda i, h: steps).start()
-    try:
-        proxy = await start_proxy(
-            [{"name": "raw", "kind": sdk, "base_url": upstream.url}], max_event_bytes=MAX_EVENT
-        )
-        texts, exc = await _stream(sdk, proxy, got_first)
-    finally:
-        await upstream.stop()
+    proxy, texts, exc = await _after_first(start_proxy, sdk, rest, max_event_bytes=MAX_EVENT)
     assert texts == ["hello"]  # the events before the fault, and nothing after it
     assert isinstance(exc, openai.APIError if sdk == "openai" else anthropic.APIStatusError)
     assert UpstreamFailedMidStream.message in str(exc)
@@ -205,15 +213,8 @@ async def test_a_stream_that_ends_inside_an_event_raises(
     # as one (Anthropic's SDK would put such a mix, with the upstream's text, in its
     # message). Cut inside a line, the SDK fails on the broken event (a JSON error);
     # with the event's lines whole, it takes the event, then raises on ours.
-    got_first = asyncio.Event()
     cut = CUT[sdk] if where == "inside-a-line" else WHOLE_LINES[sdk]
-    steps: list[Step] = [SSE_HEAD + chunked(FIRST[sdk])[:-5], got_first, chunked(cut), "hold"]
-    upstream = await RawUpstream(lambda i, h: steps).start()
-    try:
-        proxy = await start_proxy([{"name": "raw", "kind": sdk, "base_url": upstream.url}])
-        texts, exc = await _stream(sdk, proxy, got_first)
-    finally:
-        await upstream.stop()
+    proxy, texts, exc = await _after_first(start_proxy, sdk, [chunked(cut), "hold"])
     assert exc is not None
     _echoes_nothing(exc)
     if where == "before-the-blank-line":
@@ -230,15 +231,8 @@ async def test_a_stream_that_stops_between_events_raises(start_proxy: StartProxy
     # The upstream ends its body properly, at an event's end, before the API's last event
     # (`[DONE]`, `message_stop`): the SDKs would end the answer there as if it were
     # whole. The proxy makes it the upstream's protocol error, after the events it sent.
-    got_first = asyncio.Event()
     last = _openai_chunk(MARK) if sdk == "openai" else CUT["anthropic"] + b'"}}\n\n'
-    steps: list[Step] = [SSE_HEAD + chunked(FIRST[sdk])[:-5], got_first, chunked(last), "hold"]
-    upstream = await RawUpstream(lambda i, h: steps).start()
-    try:
-        proxy = await start_proxy([{"name": "raw", "kind": sdk, "base_url": upstream.url}])
-        texts, exc = await _stream(sdk, proxy, got_first)
-    finally:
-        await upstream.stop()
+    proxy, texts, exc = await _after_first(start_proxy, sdk, [chunked(last), "hold"])
     assert texts == ["hello", MARK.decode()]
     assert isinstance(exc, openai.APIError if sdk == "openai" else anthropic.APIStatusError)
     assert UpstreamFailedMidStream.message in str(exc)
@@ -251,17 +245,8 @@ async def test_a_stream_that_stops_between_events_raises(start_proxy: StartProxy
 async def test_an_upstream_failing_mid_stream_raises_in_the_sdk(
     start_proxy: StartProxy, sdk: str, fault: str
 ) -> None:
-    got_first = asyncio.Event()
-    steps: list[Step] = [SSE_HEAD + chunked(FIRST[sdk])[:-5], got_first]
-    steps.append("reset" if fault == "reset" else "hold")
-    upstream = await RawUpstream(lambda i, h: steps).start()
-    try:
-        proxy = await start_proxy(
-            [{"name": "raw", "kind": sdk, "base_url": upstream.url}], idle_timeout_s=0.5
-        )
-        texts, exc = await _stream(sdk, proxy, got_first)
-    finally:
-        await upstream.stop()
+    rest: list[Step] = ["reset" if fault == "reset" else "hold"]
+    proxy, texts, exc = await _after_first(start_proxy, sdk, rest, idle_timeout_s=0.5)
     assert texts == ["hello"]
     assert isinstance(exc, openai.APIError if sdk == "openai" else anthropic.APIStatusError)
     expected = UpstreamFailedMidStream if fault == "reset" else UpstreamTimeout
