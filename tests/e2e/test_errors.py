@@ -618,6 +618,12 @@ async def test_total_timeout_mid_stream_is_in_band(
         assert assert_openai_error(json.dumps(doc).encode())["code"] == "upstream_timeout"
 
 
+def _first_and_second(mock: Mock, path: str) -> list[dict[str, Any]]:
+    """Upstreams "first" and "second": the mock of the kind that serves `path`."""
+    kind = kind_for(path)
+    return [{"name": n, "kind": kind, "base_url": mock.url_for(kind)} for n in ("first", "second")]
+
+
 @pytest.mark.parametrize("status", [400, 404, 413, 422])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
 async def test_upstream_4xx_passes_through_without_failover(
@@ -628,12 +634,7 @@ async def test_upstream_4xx_passes_through_without_failover(
     path: str,
     status: int,
 ) -> None:
-    proxy = await start_proxy(
-        [
-            {"name": "first", "kind": kind_for(path), "base_url": mock.url_for(kind_for(path))},
-            {"name": "second", "kind": kind_for(path), "base_url": mock.url_for(kind_for(path))},
-        ]
-    )
+    proxy = await start_proxy(_first_and_second(mock, path))
     data = json.dumps({"model": f"mock-e{status}", "messages": [{"role": "user", "content": "x"}]})
     async with session.post(mock.url_for(kind_for(path))[:-3] + path, data=data) as direct:
         expected = await direct.read()
@@ -664,10 +665,7 @@ async def test_upstream_refusing_our_key_is_502_and_fails_over(
     # never the provider's body (it names the operator's masked key), and like a 5xx the
     # next upstream is tried.
     proxy = await start_proxy(
-        [
-            {"name": "first", "kind": kind_for(path), "base_url": mock.url_for(kind_for(path))},
-            {"name": "second", "kind": kind_for(path), "base_url": mock.url_for(kind_for(path))},
-        ],
+        _first_and_second(mock, path),
         routes=[
             {"name": "refused", "model": "mock-e*", "upstreams": ["first"]},
             {"name": "spare", "model": "*", "upstreams": ["first", "second"]},
