@@ -380,6 +380,8 @@ class HttpProtocol(asyncio.Protocol):
         if parser is None:
             return
         verdict = self._transfer_verdict()
+        chunked = bool(self._te_names)  # verdict 0: [b"chunked"] or no Transfer-Encoding
+        self._te_names = []  # fragments of a header value: none outlives its head
         if verdict:
             raise _Refused(verdict)
         if parser.should_upgrade():
@@ -402,8 +404,8 @@ class HttpProtocol(asyncio.Protocol):
             target.decode("utf-8", "surrogateescape"),
             b"1.0" if version == "1.0" else b"1.1",
             RequestHeaders(self._raw),
-            None if self._te_names else self._content_length,
-            bool(self._te_names),
+            None if chunked else self._content_length,
+            chunked,
             parser.should_keep_alive(),
             self._expect,
             self._encoding,
