@@ -38,8 +38,9 @@ ALLOWED: dict[str, set[str]] = {
     "request": {"errors", "headers"},  # what a handler sees of a request
     "response": {"request"},  # what it answers with
     "streaming": {"http1", "outcomes", "request", "response", "usage"},
-    # on dialects
-    "config": {"dialects", "errors"},
+    # on dialects: the config, built up from its shape (config_types) to its public face
+    "config_types": {"dialects"},
+    "config": {"config_types", "dialects", "errors"},
     # on config
     "auth": {"config", "errors", "headers"},
     "routing": {"config", "errors"},
