@@ -40,7 +40,8 @@ ALLOWED: dict[str, set[str]] = {
     "streaming": {"http1", "outcomes", "request", "response", "usage"},
     # on dialects: the config, built up from its shape (config_types) to its public face
     "config_types": {"dialects"},
-    "config": {"config_types", "dialects", "errors"},
+    "config_derived": {"config_types"},
+    "config": {"config_derived", "config_types", "dialects", "errors"},
     # on config
     "auth": {"config", "errors", "headers"},
     "routing": {"config", "errors"},
