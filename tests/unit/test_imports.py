@@ -41,7 +41,8 @@ ALLOWED: dict[str, set[str]] = {
     # on dialects: the config, built up from its shape (config_types) to its public face
     "config_types": {"dialects"},
     "config_derived": {"config_types"},
-    "config": {"config_derived", "config_types", "dialects", "errors"},
+    "config_values": {"config_types", "errors"},
+    "config": {"config_derived", "config_types", "config_values", "dialects", "errors"},
     # on config
     "auth": {"config", "errors", "headers"},
     "routing": {"config", "errors"},
