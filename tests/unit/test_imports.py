@@ -42,7 +42,8 @@ ALLOWED: dict[str, set[str]] = {
     "config_types": {"dialects"},
     "config_derived": {"config_types"},
     "config_values": {"config_types", "errors"},
-    "config": {"config_derived", "config_types", "config_values", "dialects", "errors"},
+    "config_sections": {"config_derived", "config_types", "config_values", "dialects", "errors"},
+    "config": {"config_derived", "config_sections", "config_types", "config_values", "errors"},
     # on config
     "auth": {"config", "errors", "headers"},
     "routing": {"config", "errors"},
