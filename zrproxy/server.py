@@ -179,6 +179,7 @@ class HttpProtocol(asyncio.Protocol):
         "_line_bytes",
         "_line_done",
         "_loop",
+        "_lowered",
         "_parser",
         "_parsing",
         "_queue",
@@ -225,6 +226,7 @@ class HttpProtocol(asyncio.Protocol):
         self._tail = b""  # the last 3 bytes of a head read, to find an end split by reads
         self._url: list[bytes] = []
         self._raw: list[tuple[bytes, bytes]] = []
+        self._lowered: list[bytes] = []  # the names of _raw, lower-cased
         self._fields = 0
         # Transfer-Encoding: the coding names in order (tokens only, e.g. b"gzip"); -1 in
         # _te_names' place (None) once a value is no list of codings.
@@ -265,6 +267,7 @@ class HttpProtocol(asyncio.Protocol):
         self._queue.clear()
         self._parsing = None
         self._raw = []
+        self._lowered = []
         self._url.clear()
         self._server.connection_lost(self)
 
@@ -320,6 +323,7 @@ class HttpProtocol(asyncio.Protocol):
         self._in_head = True
         self._url.clear()
         self._raw = []
+        self._lowered = []
         self._fields = 0
         self._te_names = []
         self._te_params = False
@@ -345,12 +349,12 @@ class HttpProtocol(asyncio.Protocol):
             names = self._te_names
             if names is not None:
                 for element in value.lower().split(b","):
-                    name, semicolon, params = element.partition(b";")
-                    name = name.strip(b" \t")
-                    if not _TOKEN.fullmatch(name) or not _PARAMS.fullmatch(params):
+                    coding, semicolon, params = element.partition(b";")
+                    coding = coding.strip(b" \t")
+                    if not _TOKEN.fullmatch(coding) or not _PARAMS.fullmatch(params):
                         self._te_names = None
                         break
-                    names.append(name)
+                    names.append(coding)
                     self._te_params |= bool(semicolon)
         elif lower == b"content-length":
             self._content_length = int(value)  # llhttp let through digits only, once
@@ -360,6 +364,7 @@ class HttpProtocol(asyncio.Protocol):
         elif lower == b"expect":
             self._expect = value.strip(b" \t").lower() == b"100-continue"
         self._raw.append((name, value))
+        self._lowered.append(lower)
 
     def _transfer_verdict(self) -> int:
         """0 for a request framed by Content-Length or by exactly one plain `chunked`;
@@ -403,7 +408,7 @@ class HttpProtocol(asyncio.Protocol):
             _METHODS.get(method) or method.decode("ascii"),
             target.decode("utf-8", "surrogateescape"),
             b"1.0" if version == "1.0" else b"1.1",
-            RequestHeaders(self._raw),
+            RequestHeaders(self._raw, self._lowered),
             None if chunked else self._content_length,
             chunked,
             parser.should_keep_alive(),
@@ -411,6 +416,7 @@ class HttpProtocol(asyncio.Protocol):
             self._encoding,
         )
         self._raw = []
+        self._lowered = []
         self._requests += 1
         if not request.eof:
             self._parsing = request
@@ -561,6 +567,7 @@ class HttpProtocol(asyncio.Protocol):
         self._tail = b""
         self._url.clear()
         self._raw = []
+        self._lowered = []
         parsing = self._parsing
         if parsing is not None:
             self._parsing = None
