@@ -381,6 +381,16 @@ class Proxy:
             ex.body_reserved = length
         # Only now, after auth and the size check, which is the point of 100-continue.
         request.send_continue()
+        whole = request.take_whole_body()
+        if whole is not None:
+            # It all came with the head (most requests): no reads to wait for, no timer.
+            if len(whole) > self._max_body:
+                raise BodyTooLarge()
+            if len(whole) > ex.body_reserved:  # chunked: not reserved above
+                if not budget.reserve(len(whole) - ex.body_reserved):
+                    raise Overloaded(retry_after_s=_OVERLOAD_RETRY_S)
+                ex.body_reserved = len(whole)
+            return whole
         parts: list[bytes] = []
         size = 0
         failure: ProxyError | None = None

@@ -140,6 +140,13 @@ class Request:
             self._continued = True
             transport.write(_CONTINUE)
 
+    def take_whole_body(self) -> bytes | None:
+        """The whole body when all of it has arrived, unencoded and not yet read;
+        None otherwise (then `read_chunk` it). A request with no body gives b""."""
+        if not self.eof or self.broken or self._encoding or self.received != self._body_size:
+            return None
+        return self._read_buffered()
+
     async def read_chunk(self) -> bytes:
         """The next piece of the body, decoded if it came gzip- or deflate-encoded; b""
         at its end. InvalidRequest if its framing or its encoding is broken, or its
@@ -174,18 +181,23 @@ class Request:
             if out:
                 return out
 
+    def _read_buffered(self) -> bytes:
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        size = self._body_size
+        self._body_size = 0
+        conn = self._conn
+        if conn is not None:
+            conn.body_taken(size)
+        return data
+
     async def _read_raw(self) -> bytes:
         while True:
-            chunks = self._chunks
-            if chunks:
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                size = self._body_size
-                self._body_size = 0
-                conn = self._conn
-                if conn is not None:
-                    conn.body_taken(size)
-                return data
+            if self._chunks:
+                return self._read_buffered()
             if self.broken:
                 raise InvalidRequest()
             if self.eof or self._conn is None:

@@ -73,6 +73,12 @@ async def test_over_the_body_budget_answers_503_before_reading(
     assert status == 503
     assert headers["retry-after"] == "1"
     writer_c.close()
+    # ... and so is a whole chunked body that arrived with its head, in one read.
+    reader_e, writer_e = await _connect(proxy)
+    writer_e.write(_head(proxy, None) + b"190\r\n" + b"x" * 400 + b"\r\n0\r\n\r\n")
+    status, headers, _ = await _response(reader_e)
+    assert status == 503
+    writer_e.close()
     assert mock.stats.started == 0
     # A completes: its share comes back and the same request as B is served.
     writer_a.write(_body(800)[1:])
@@ -84,7 +90,7 @@ async def test_over_the_body_budget_answers_503_before_reading(
     status, _, _ = await _response(reader_d)
     assert status == 200
     writer_d.close()
-    assert await metric(proxy, "zrproxy_rejections_total", reason="overloaded") == 2
+    assert await metric(proxy, "zrproxy_rejections_total", reason="overloaded") == 3
 
 
 async def _no_upstream_blame(proxy: RunningProxy) -> None:
