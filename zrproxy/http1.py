@@ -37,6 +37,7 @@ from typing import Protocol
 
 import httptools
 
+from zrproxy.deadlines import Deadline, Deadlines
 from zrproxy.errors import forget
 from zrproxy.outcomes import FailureKind
 from zrproxy.sse import SseCheck
@@ -77,6 +78,7 @@ class Exchange:
     __slots__ = (
         "__weakref__",  # the tests check it is freed without the collector
         "_conn",
+        "_deadlines",
         "_early",
         "_early_size",
         "_idle_s",
@@ -104,7 +106,8 @@ class Exchange:
         self._sink: Sink | None = None
         self._early: list[bytes] = []
         self._early_size = 0
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Deadline | None = None
+        self._deadlines: Deadlines | None = None
         self._idle_s = 0.0
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -183,20 +186,23 @@ class Exchange:
         if conn is not None:
             conn.abandon(self)
 
-    def arm(self, loop: asyncio.AbstractEventLoop, first_byte_s: float, idle_s: float) -> None:
-        """One timer for the whole exchange: first_byte_s until the head, then idle_s of
-        silence. It is not moved per read: when it fires, it looks at the last read and,
-        if there was one since, sets itself again for then + idle_s."""
+    def arm(self, deadlines: Deadlines, first_byte_s: float, idle_s: float) -> None:
+        """One deadline for the whole exchange: first_byte_s until the head, then idle_s
+        of silence. It is not moved per read: when it fires, it looks at the last read
+        and, if there was one since, sets itself again for then + idle_s."""
+        conn = self._conn
+        if conn is None:
+            return  # it ended already (nothing was sent)
         self._idle_s = idle_s
-        self._timer = loop.call_at(loop.time() + first_byte_s, self._on_timer)
+        self._deadlines = deadlines
+        self._timer = deadlines.at(conn.loop.time() + first_byte_s, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        conn = self._conn
-        if conn is None:
+        conn, deadlines = self._conn, self._deadlines
+        if conn is None or deadlines is None:
             return
-        loop = conn.loop
-        now = loop.time()
+        now = conn.loop.time()
         if not self.status:
             conn.fail("timeout")
             return
@@ -209,17 +215,20 @@ class Exchange:
             if due <= now:
                 conn.fail("timeout")
                 return
-        self._timer = loop.call_at(due, self._on_timer)
+        self._timer = deadlines.at(due, self._on_timer)
 
     # --- from the connection --------------------------------------------------------------
 
     def _head(self) -> None:
         # From the head on, the deadline is idle_s of silence, not what is left of the
-        # first-byte wait (which may be far longer).
-        timer, conn = self._timer, self._conn
-        if timer is not None and conn is not None:
-            timer.cancel()
-            self._timer = conn.loop.call_at(conn.loop.time() + self._idle_s, self._on_timer)
+        # first-byte wait: moved only when that wait ends later (with the defaults it
+        # doesn't, and the timer, when it fires, looks at the last read).
+        timer, conn, deadlines = self._timer, self._conn, self._deadlines
+        if timer is not None and conn is not None and deadlines is not None:
+            due = conn.loop.time() + self._idle_s
+            if timer.when() > due:
+                timer.cancel()
+                self._timer = deadlines.at(due, self._on_timer)
         self._wake()
 
     def _body(self, data: bytes) -> None:
@@ -265,6 +274,7 @@ class Exchange:
     def _detach(self) -> None:
         self._conn = None
         self._sink = None
+        self._deadlines = None
         if self._sse is not None:
             self._sse.close()
         timer = self._timer

@@ -160,6 +160,7 @@ class Proxy:
         self._router = Router(config, self.clock)
         self._config = config
         self._upstreams = upstreams
+        self._deadlines = upstreams.deadlines
         self._metrics = metrics
         self._state = state
         self._health = UpstreamHealth(self._loop.time)
@@ -186,8 +187,8 @@ class Proxy:
         self._state.handlers.add(task)
         self._state.served += 1
         self._metrics.in_flight_now.add(1.0)
-        # One timer per request for total_timeout_s, whatever phase it is in.
-        deadline = loop.call_at(ex.started + self._total_timeout, _expire, ex, task)
+        # One deadline per request for total_timeout_s, whatever phase it is in.
+        deadline = self._deadlines.at(ex.started + self._total_timeout, _expire, ex, task)
         try:
             if not admitted:
                 raise Overloaded(retry_after_s=_OVERLOAD_RETRY_S)

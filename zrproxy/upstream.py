@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 from zrproxy.config import Config, UpstreamConfig
+from zrproxy.deadlines import Deadlines
 from zrproxy.dialects import ANTHROPIC_VERSION, UpstreamBodies, auth_headers, names_a_model
 from zrproxy.errors import (
     InvalidRequest,
@@ -96,6 +97,8 @@ class Upstreams:
         """`connection_budget`: upstream connections of all pools together (default: as
         many as the API listener's fd-fitted connection cap, one per client connection)."""
         self._loop = asyncio.get_running_loop()
+        # The exchanges' deadlines, and (Proxy) the requests': one loop timer for all.
+        self.deadlines = Deadlines(self._loop)
         budget = Budget(connection_budget or fd_connection_cap())
         server = config.server
         self._first_byte_timeout = server.first_byte_timeout_s
@@ -280,7 +283,7 @@ class Upstreams:
                 return None, "connect", None
             exchange = Exchange(self._max_event)
             conn.start(exchange, head, body, False, self._loop.time())
-            exchange.arm(self._loop, self._first_byte_timeout, self._idle_timeout)
+            exchange.arm(self.deadlines, self._first_byte_timeout, self._idle_timeout)
             try:
                 while not exchange.has_head and exchange.failure is None:
                     await exchange.wait()

@@ -33,7 +33,8 @@ ALLOWED: dict[str, set[str]] = {
     # on errors only
     "dialects": {"errors"},
     "sse": set(),
-    "http1": {"errors", "outcomes", "sse"},
+    "deadlines": set(),
+    "http1": {"deadlines", "errors", "outcomes", "sse"},
     "pool": {"http1"},
     "request": {"errors", "headers"},  # what a handler sees of a request
     "response": {"request"},  # what it answers with
@@ -53,6 +54,7 @@ ALLOWED: dict[str, set[str]] = {
     "auditcli": {"auditfiles", "config", "errors"},
     "upstream": {
         "config",
+        "deadlines",
         "dialects",
         "errors",
         "headers",
