@@ -308,6 +308,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests = 0  # exchanges started on this connection
         self.closed = False
         self._paused = False
+        self._poller: select.poll | None = None  # for peer_gone, made on first use
         self._pieces: list[bytes] = []
         self._run = 0  # how many CR/LF bytes the stream read so far ends with
         # per response
@@ -335,6 +336,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self.transport = None
         self._parser = None
+        self._poller = None  # its fd number may be reused from now on
         exchange = self._exchange
         if exchange is not None:
             # Our request was written: even with no response byte, the upstream may have
@@ -556,11 +558,15 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         if self.closed or transport is None or transport.is_closing():
             return True
-        sock = transport.get_extra_info("socket")
-        if sock is None:
-            return False
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        poller = self._poller
+        if poller is None:
+            # Made once per connection: the socket object uvloop builds for
+            # get_extra_info, and the poll object, cost more than the poll itself.
+            sock = transport.get_extra_info("socket")
+            if sock is None:
+                return False
+            poller = self._poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
         return bool(poller.poll(0))
 
     def close(self) -> None:
