@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -131,7 +132,7 @@ def test_a_callback_may_set_the_next_deadline() -> None:
     deadlines.at(clock.now + 1, again)
     clock.advance(clock.now + 10)
     assert len(times) == 3
-    assert all(b - a >= 1 for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a >= 1 for a, b in itertools.pairwise(times))
 
 
 def test_a_cancelled_deadline_lets_go_of_what_it_held_at_once() -> None:

@@ -331,3 +331,30 @@ def test_auth_headers() -> None:
     for kind in ("openai", "anthropic"):
         assert auth_headers(kind, None) == {}  # type: ignore[arg-type]
         assert auth_headers(kind, "") == {}  # type: ignore[arg-type]
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(
+    extra=st.dictionaries(st.text(), _JSON_VALUES, max_size=4),
+    before=st.sampled_from(["", " ", "\n\t"]),
+    after=st.sampled_from(["", " ", "\r\n", " x", "{}", "\x00", ",", "\u00a0"]),
+)
+def test_the_fast_path_accepts_and_reads_exactly_what_json_loads_does(
+    extra: dict[str, Any], before: str, after: str
+) -> None:
+    # parse_request scans a body opening with "{" itself: the verdict and the payload
+    # must be the stdlib's own.
+    raw = (before + json.dumps({**extra, "model": "m"}) + after).encode()
+    try:
+        expected = json.loads(raw)
+    except ValueError:
+        with pytest.raises(MalformedJSON):
+            parse_request(raw)
+        return
+    assert parse_request(raw).payload == expected
