@@ -58,6 +58,19 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLOCK_TICKS
 
 
+def user_seconds(pids: list[int]) -> float:
+    """utime of each live process, plus cutime of its reaped children: the part of
+    `cpu_seconds` spent outside the kernel."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = _stat_fields(pid)
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[13])  # utime, cutime
+    return ticks / CLOCK_TICKS
+
+
 def rss_kib(pids: list[int]) -> int:
     """Sum of VmRSS over `pids` in KiB."""
     total = 0

@@ -187,11 +187,11 @@ _LOAD = (
 # (title, path to {row name: fields} or {group: {row name: fields}}, columns)
 DETAILS: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]], ...] = (
     ("CPU per request at a fixed rate (wrk: 1 thread, 32 connections; CPU in cores)", ("cpu",),
-     (*_LOAD, ("CPU us/req", "cpu_us_per_request"), ("mock us/req", "mock_cpu_us_per_request"),
-      ("us/req, each run", "runs"))),
+     (*_LOAD, ("CPU us/req", "cpu_us_per_request"), ("of it user", "user_us_per_request"),
+      ("mock us/req", "mock_cpu_us_per_request"), ("us/req, each run", "runs"))),
     ("Throughput, closed loop (wrk: 1 thread, 32 connections; CPU in cores)", ("throughput",),
-     (*_LOAD, ("CPU us/req", "cpu_us_per_request"), ("mock us/req", "mock_cpu_us_per_request"),
-      ("req/s, each run", "runs"))),
+     (*_LOAD, ("CPU us/req", "cpu_us_per_request"), ("of it user", "user_us_per_request"),
+      ("mock us/req", "mock_cpu_us_per_request"), ("req/s, each run", "runs"))),
     ("200 concurrent streams, 64 chunks 10 ms apart", ("streams",),
      (("chunks", "chunks"), *_LOAD, ("CPU us/chunk", "cpu_us_per_chunk"),
       ("us/req, each run", "runs"))),

@@ -43,6 +43,9 @@ class Server:
     def cpu_seconds(self) -> float:
         return procs.cpu_seconds(self.pids())
 
+    def user_seconds(self) -> float:
+        return procs.user_seconds(self.pids())
+
     def rss_kib(self) -> int:
         return procs.rss_kib(self.pids())
 

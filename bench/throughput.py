@@ -60,10 +60,12 @@ def _measure(
         load.run()  # connection pools, caches
     proxy, mock = target.proxy, ctx.mock
     proxy_before = proxy.cpu_seconds() if proxy else 0.0
+    user_before = proxy.user_seconds() if proxy else 0.0
     mock_before = mock.cpu_seconds()
     background = procs.Background()
     done = dataclasses.replace(load, seconds=ctx.budget(workload.seconds, 2)).run()
     proxy_cpu = proxy.cpu_seconds() - proxy_before if proxy else 0.0
+    proxy_user = proxy.user_seconds() - user_before if proxy else 0.0
     mock_cpu = mock.cpu_seconds() - mock_before
     count, wall = max(done.requests, 1), done.seconds
     out: dict[str, Any] = {
@@ -73,6 +75,8 @@ def _measure(
         "rps": round(done.requests / wall, 1),
         "proxy_cpu_s": round(proxy_cpu, 3),
         "cpu_us_per_request": round(proxy_cpu / count * 1e6, 1) if proxy else None,
+        # Of that, outside the kernel (the kernel's part is the reads, writes and epoll).
+        "user_us_per_request": round(proxy_user / count * 1e6, 1) if proxy else None,
         "mock_cpu_us_per_request": round(mock_cpu / count * 1e6, 1),
         "proxy_util": round(proxy_cpu / wall, 3) if proxy else None,
         "mock_util": round(mock_cpu / wall, 3),
