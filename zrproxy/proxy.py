@@ -46,8 +46,8 @@ from zrproxy.errors import (
     UpstreamTimeout,
     ZeroRetentionConflict,
 )
+from zrproxy.exchange import Exchange
 from zrproxy.headers import REQUEST_ID, SSE_FIELDS, client_response_fields, request_id
-from zrproxy.http1 import Exchange
 from zrproxy.limits import Lease, Limits
 from zrproxy.metrics import NOT_KNOWN, Metrics
 from zrproxy.outcomes import FailureKind, Outcome

@@ -25,7 +25,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from zrproxy.http1 import Exchange
+from zrproxy.exchange import Exchange
 from zrproxy.outcomes import FailureKind, Outcome
 from zrproxy.request import Request
 from zrproxy.response import StreamingResponse

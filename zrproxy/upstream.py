@@ -1,8 +1,9 @@
 """Requests to upstreams: one connection pool each, and failover before the first byte.
 
-Owns the request side of HTTP/1.1 to upstreams (`http1` owns the response side). Foreign
-errors (connect failures, TLS errors) are dropped where they are caught: their text names
-only our own configured hosts, but their tracebacks hold the frames that held the request.
+Owns the request side of HTTP/1.1 to upstreams (`http1` owns the response side, `exchange`
+what the handler sees of it). Foreign errors (connect failures, TLS errors) are dropped
+where they are caught: their text names only our own configured hosts, but their
+tracebacks hold the frames that held the request.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from zrproxy.errors import (
     UpstreamUnavailable,
     forget,
 )
+from zrproxy.exchange import Exchange
 from zrproxy.headers import RequestHeaders, upstream_request_fields
-from zrproxy.http1 import Exchange
 from zrproxy.listener import fd_connection_cap
 from zrproxy.outcomes import FailureKind
 from zrproxy.pool import Budget, EgressRefused, Pool, PoolTimeout

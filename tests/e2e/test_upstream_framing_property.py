@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zrproxy.http1 import Exchange, UpstreamConnection
+from zrproxy.exchange import Exchange
+from zrproxy.http1 import UpstreamConnection
 
 
 class _Transport(asyncio.Transport):

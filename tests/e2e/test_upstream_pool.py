@@ -254,7 +254,7 @@ async def test_connections_and_exchanges_are_freed_without_the_collector(
     import gc
     import weakref
 
-    from zrproxy.http1 import Exchange
+    from zrproxy.exchange import Exchange
 
     upstream = await RawUpstream(lambda i, h: [json_response(b'{"n":1}')]).start()
     gc.disable()
