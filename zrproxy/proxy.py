@@ -385,16 +385,14 @@ class Proxy:
         whole = request.take_whole_body()
         if whole is not None:
             # It all came with the head (most requests): no reads to wait for, no timer.
-            if len(whole) > self._max_body:
-                raise BodyTooLarge()
-            if len(whole) > ex.body_reserved:  # chunked: not reserved above
-                if not budget.reserve(len(whole) - ex.body_reserved):
-                    raise Overloaded(retry_after_s=_OVERLOAD_RETRY_S)
-                ex.body_reserved = len(whole)
+            failure = self._over_limits(ex, len(whole))
+            if failure is not None:
+                whole = b""  # the traceback keeps this frame: not the body with it
+                raise failure
             return whole
         parts: list[bytes] = []
         size = 0
-        failure: ProxyError | None = None
+        failure = None
         loop = self._loop
         # The whole body within body_timeout_s, and no gap between reads longer than
         # idle_timeout_s (a dribbling client). Both are the client's fault: 408, never 504.
@@ -411,14 +409,9 @@ class Proxy:
                     if not chunk:
                         break
                     size += len(chunk)
-                    if size > self._max_body:
-                        failure = BodyTooLarge()
+                    failure = self._over_limits(ex, size)
+                    if failure is not None:
                         break
-                    if size > ex.body_reserved:
-                        if not budget.reserve(size - ex.body_reserved):
-                            failure = Overloaded(retry_after_s=_OVERLOAD_RETRY_S)
-                            break
-                        ex.body_reserved = size
                     parts.append(chunk)
                     dl.reschedule(min(whole_by, loop.time() + self._idle_timeout))
         except TimeoutError:
@@ -429,6 +422,17 @@ class Proxy:
             parts.clear()
             raise failure
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _over_limits(self, ex: _Exchange, size: int) -> ProxyError | None:
+        """None once a body `size` bytes long so far is within max_body_bytes and held in
+        the body budget (reserving what it has not reserved yet); else the refusal."""
+        if size > self._max_body:
+            return BodyTooLarge()
+        if size > ex.body_reserved:
+            if not self.limits.bodies.reserve(size - ex.body_reserved):
+                return Overloaded(retry_after_s=_OVERLOAD_RETRY_S)
+            ex.body_reserved = size
+        return None
 
     def _authenticate(self, request: Request, ex: _Exchange) -> ProjectConfig:
         """The caller's project (InvalidAuth otherwise); from here on the exchange names
