@@ -89,19 +89,6 @@ class Deadlines:
         members[deadline] = None
         return deadline
 
-    def close(self) -> None:
-        """Drop every pending deadline without calling it (the loop is ending)."""
-        for members in self._slots.values():
-            for deadline in members:
-                deadline._owner = deadline._callback = None
-                deadline._args = ()
-        self._slots.clear()
-        self._heap.clear()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_slot = 0
-
     def _remove(self, deadline: Deadline) -> None:
         slot = deadline.slot
         members = self._slots.get(slot)
