@@ -12,45 +12,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import h11
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.transports import RecordingTransport
 from zrproxy.exchange import Exchange
 from zrproxy.http1 import UpstreamConnection
-
-
-class _Transport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.closed = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        pass
-
-    def writelines(self, data: Any) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0  # the request has left our buffer
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 @dataclass
@@ -81,7 +51,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 def relay(loop: asyncio.AbstractEventLoop, reads: list[bytes]) -> Relayed:
     pool = _Pool()
-    transport = _Transport()
+    transport = RecordingTransport()
     conn = UpstreamConnection(pool, loop)
     conn.connection_made(transport)
     exchange = Exchange()

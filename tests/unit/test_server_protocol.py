@@ -6,47 +6,17 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.transports import RecordingTransport
 from zrproxy.config import ServerConfig
 from zrproxy.request import Request
 from zrproxy.response import Response, StreamingResponse
 from zrproxy.server import ApiServer, HttpProtocol
 
 
-class FakeTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written: list[bytes] = []
-        self.paused = False
-        self.pauses = 0
-        self.closed = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written.append(bytes(data))
-
-    def pause_reading(self) -> None:
-        self.paused = True
-        self.pauses += 1
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def can_write_eof(self) -> bool:
-        return False
-
-
-def _protocol(handler: object) -> tuple[HttpProtocol, FakeTransport]:
+def _protocol(handler: object) -> tuple[HttpProtocol, RecordingTransport]:
     server = ApiServer(handler, ServerConfig(), 100, lambda: None)  # type: ignore[arg-type]
     protocol = server()
-    transport = FakeTransport()
+    transport = RecordingTransport()
     protocol.connection_made(transport)
     return protocol, transport
 
